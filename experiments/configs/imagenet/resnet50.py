@@ -1,0 +1,7 @@
+"""ResNet-50, option B (Table 3 and 4)."""
+
+from experiments.configs.imagenet import base
+
+
+def get_config():
+    return base.get_config("resnet50")

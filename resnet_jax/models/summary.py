@@ -1,0 +1,120 @@
+"""Sizes of a network: parameter counts per stage and forward multiply-adds from XLA's cost analysis."""
+
+from collections import defaultdict
+from typing import Any
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_jax.models.registry import input_shape
+from resnet_jax.models.resnet import ResNet
+
+
+def abstract_variables(model: ResNet, image_shape: tuple[int, int, int] | None = None) -> Any:
+    """The shapes and dtypes of `model.init`'s variables, without computing (or allocating) them."""
+    x = jax.ShapeDtypeStruct((1, *(image_shape or input_shape(model))), jnp.float32)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype)))
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a pytree of (abstract or concrete) arrays."""
+    return int(sum(np.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params)))
+
+
+def params_by_module(params: Any) -> dict[str, int]:
+    """Parameter counts per top-level module (stem_conv, stage1_block1, ..., head), in network order."""
+    counts: dict[str, int] = defaultdict(int)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        counts[path[0].key] += int(np.prod(leaf.shape))
+    return dict(counts)
+
+
+def _flops(cost: Any) -> float:
+    # The cost analysis is a dict on current JAX and a one-element list of dicts on older releases.
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    return float(cost["flops"])
+
+
+def forward_macs(model: ResNet, image_shape: tuple[int, int, int] | None = None) -> float:
+    """Multiply-adds of one inference forward pass on one image, as XLA counts them in the compiled program.
+
+    XLA counts two FLOPs per multiply-add and skips taps that fall on padding, so this reads a few per cent
+    under an analytic count such as Table 1's.
+    """
+    variables = abstract_variables(model, image_shape)
+    x = jax.ShapeDtypeStruct((1, *(image_shape or input_shape(model))), jnp.float32)
+    compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
+    return _flops(compiled.cost_analysis()) / 2
+
+
+def _subjaxprs(params: dict) -> list:
+    found = []
+    for value in params.values():
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, jax.extend.core.ClosedJaxpr):
+                found.append(item.jaxpr)
+            elif isinstance(item, jax.extend.core.Jaxpr):
+                found.append(item)
+    return found
+
+
+def _valid_taps(size: int, kernel: int, stride: int, pad: tuple[int, int], dilation: int) -> int:
+    """Number of (output position, kernel tap) pairs of one spatial axis that read a real input pixel."""
+    out = (size + pad[0] + pad[1] - dilation * (kernel - 1) - 1) // stride + 1
+    return sum(0 <= o * stride - pad[0] + k * dilation < size for o in range(out) for k in range(kernel))
+
+
+def _jaxpr_macs(jaxpr: Any, skip_padding: bool) -> float:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            lhs, rhs = (v.aval.shape for v in eqn.invars)
+            out = eqn.outvars[0].aval.shape
+            dn, p = eqn.params["dimension_numbers"], eqn.params
+            per_tap = lhs[dn.lhs_spec[0]] * rhs[dn.rhs_spec[0]] * rhs[dn.rhs_spec[1]]  # batch * c_out * c_in/groups
+            taps = 1
+            for axis, (size, kernel) in enumerate(zip((lhs[i] for i in dn.lhs_spec[2:]),
+                                                        (rhs[i] for i in dn.rhs_spec[2:]))):
+                if skip_padding:
+                    taps *= _valid_taps(size, kernel, p["window_strides"][axis], p["padding"][axis],
+                                        p["rhs_dilation"][axis])
+                else:
+                    taps *= out[dn.out_spec[2 + axis]] * kernel
+            total += per_tap * taps
+        elif eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[i] for i in contract])
+        for sub in _subjaxprs(eqn.params):
+            total += _jaxpr_macs(sub, skip_padding)
+    return total
+
+
+def analytic_macs(model: ResNet, image_shape: tuple[int, int, int] | None = None,
+                  skip_padding: bool = False) -> float:
+    """Multiply-adds of the convolutions and the dense layer of one forward pass on one image, counted from the
+    traced program's shapes: every kernel tap (as Table 1 counts), or with `skip_padding` only the taps that
+    read real pixels (as XLA's cost analysis counts)."""
+    variables = abstract_variables(model, image_shape)
+    x = jax.ShapeDtypeStruct((1, *(image_shape or input_shape(model))), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    return _jaxpr_macs(jaxpr.jaxpr, skip_padding)
+
+
+def describe(model: ResNet, name: str = "") -> str:
+    """A short table of parameters per stage, for launch.py and notebooks."""
+    params = abstract_variables(model)["params"]
+    stages: dict[str, int] = defaultdict(int)
+    for module, n in params_by_module(params).items():
+        stages[module.split("_")[0]] += n
+    order = lambda s: (s != "stem", s == "head", s)  # noqa: E731  # stem, stage1.., head
+    stages = {s: stages[s] for s in sorted(stages, key=order)}
+    width = max(len(s) for s in stages)
+    lines = [f"{name or 'model'}: shortcut={model.shortcut}, {'bottleneck' if model.bottleneck else 'basic'} "
+             f"blocks {tuple(model.stage_sizes)}, input {input_shape(model)}, dtype {model.dtype}"]
+    lines += [f"  {stage:<{width}}  {n:>12,}" for stage, n in stages.items()]
+    lines.append(f"  {'total':<{width}}  {count_params(params):>12,} parameters")
+    return "\n".join(lines)
