@@ -1,6 +1,7 @@
 """CIFAR-10 training batches made on the accelerator: the dataset lives there as uint8, and one jitted
-function of (seed, step) gathers, normalises, pads, crops and flips (paper section 4.2). The host only
-passes two scalars per step, so the accelerator never waits on it. Pure JAX: no TensorFlow here.
+function of (seed, step) gathers, normalises, pads, crops and flips (paper section 4.2). The host passes
+two scalars per step and, once an epoch, asks the device to sort that epoch's order; the accelerator never
+waits on it. Pure JAX: no TensorFlow here.
 
 The draws come from `order`, the same integer rule the numpy host path uses, so both paths give the same
 batches for the same (seed, step).
@@ -57,9 +58,14 @@ def make_train_step_batch(images: np.ndarray, labels: np.ndarray, mean: np.ndarr
     mean_d, scale_d = put(mean.astype(np.float32)), put(scale.astype(np.float32))
     n = images.shape[0]
 
+    # An epoch's order is sorted once, on the device, and kept there; sorting it again every step would
+    # cost more than the rest of the batch on a CPU.
+    permutation = jax.jit(lambda seed, epoch: order.permutation(jnp, seed, epoch, n), out_shardings=rep)
+
     @jax.jit
-    def batch(table, table_labels, mean, scale, seed, step):
-        idx = order.batch_indices(jnp, seed, step, global_batch_size, n)
+    def batch(table, table_labels, mean, scale, perm0, perm1, seed, step):
+        idx = order.batch_indices(jnp, seed, step, global_batch_size, n,
+                                  epoch_orders=(perm0, perm1))
         idx = jax.lax.with_sharding_constraint(idx, batch_sh)
         x = normalize(table[idx], mean, scale)
         if augment:
@@ -69,7 +75,19 @@ def make_train_step_batch(images: np.ndarray, labels: np.ndarray, mean: np.ndarr
         return {"image": jax.lax.with_sharding_constraint(x, batch_sh),
                 "label": jax.lax.with_sharding_constraint(table_labels[idx], batch_sh)}
 
+    cache: dict[tuple[int, int], jax.Array] = {}
+
+    def perm(seed: int, epoch: int) -> jax.Array:
+        if (seed, epoch) not in cache:
+            for key in [k for k in cache if k[1] < epoch - 1]:
+                del cache[key]
+            cache[(seed, epoch)] = permutation(jnp.uint32(seed), jnp.int32(epoch))
+        return cache[(seed, epoch)]
+
     def call(seed: int, step: int) -> dict[str, jax.Array]:
-        return batch(table, table_labels, mean_d, scale_d, jnp.uint32(order.as_seed(seed)), jnp.int32(step))
+        s = order.as_seed(seed)
+        epoch = step * global_batch_size // n
+        return batch(table, table_labels, mean_d, scale_d, perm(s, epoch), perm(s, epoch + 1), jnp.uint32(s),
+                     jnp.int32(step))
 
     return call

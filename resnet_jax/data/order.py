@@ -48,19 +48,23 @@ def permutation(xp: Any, seed: Any, epoch: Any, n: int) -> Any:
     return xp.argsort(keys, stable=True)
 
 
-def batch_indices(xp: Any, seed: Any, step: Any, batch: int, n: int, perms: Any = None) -> Any:
+def batch_indices(xp: Any, seed: Any, step: Any, batch: int, n: int, perms: Any = None,
+                  epoch_orders: tuple[Any, Any] | None = None) -> Any:
     """Dataset indices of the `batch` examples of training step `step`.
 
     The examples form one endless stream, epoch after epoch, each epoch a fresh permutation; step k takes
     stream positions [k * batch, (k + 1) * batch). With batch <= n a batch touches at most two epochs.
-    `perms(epoch)` may supply cached permutations (host path).
+    `perms(epoch)` may supply cached permutations (host path), or `epoch_orders` the permutations of the
+    batch's first epoch and the next (device path).
     """
     positions = step * batch + xp.arange(batch)
     first_epoch = (step * batch) // n
     epoch = positions // n
     within = positions % n
-    perm = perms or (lambda e: permutation(xp, seed, e, n))
-    return xp.where(epoch == first_epoch, perm(first_epoch)[within], perm(first_epoch + 1)[within])
+    if epoch_orders is None:
+        perm = perms or (lambda e: permutation(xp, seed, e, n))
+        epoch_orders = perm(first_epoch), perm(first_epoch + 1)
+    return xp.where(epoch == first_epoch, epoch_orders[0][within], epoch_orders[1][within])
 
 
 def crop_flip_draws(xp: Any, seed: Any, step: Any, batch: int, pad: int) -> tuple[Any, Any, Any]:
