@@ -1,29 +1,73 @@
-"""Run a config: `python launch.py --config experiments/configs/cifar10/quick.py --workdir runs/quick`.
+"""Runs a config on this machine, or on every host of a TPU pod slice or GPU cluster.
 
-Any field can be overridden, e.g. `--config.model.shortcut=B`.
+    python launch.py --config experiments/configs/cifar10/quick.py --workdir runs/quick
+    python launch.py --config experiments/configs/cifar10/resnet56.py --workdir runs/r56 --config.seed=1
+    python launch.py --config ... --workdir runs/r56 --mode eval
+
+Any config field can be overridden with --config.<field>=<value>. Run again with the same workdir to resume.
 """
 
+import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
-
-from resnet_jax import models
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
-flags.DEFINE_enum("mode", "summary", ["summary"], "summary: build the network and print its parameters.")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard events.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "summary"],
+                  "train: train and evaluate, resuming from the workdir; eval: evaluate the newest checkpoint; "
+                  "summary: build the network and print its parameters.")
+flags.DEFINE_integer("max_steps", None, "Stop after this many steps in this launch (a checkpoint is written); "
+                     "the next launch with the same workdir continues. For jobs with a time slot.")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "Call jax.distributed.initialize(): auto does so on a multi-host TPU slice or a SLURM job of "
+                  "several tasks.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for clusters without auto-detection.")
+flags.DEFINE_integer("num_processes", None, "Number of processes, with --coordinator_address.")
+flags.DEFINE_integer("process_id", None, "This process' index, with --coordinator_address.")
 flags.mark_flag_as_required("config")
+
+
+def spans_processes() -> bool:
+    """Whether this launch is one of several processes that JAX can discover by itself."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return True
+    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def initialize_distributed() -> None:
+    import jax
+
+    if FLAGS.coordinator_address:
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    elif FLAGS.distributed == "on" or (FLAGS.distributed == "auto" and spans_processes()):
+        jax.distributed.initialize()
 
 
 def main(argv: list[str]) -> None:
     del argv
+    logging.set_verbosity(logging.WARNING)
+    from resnet_jax import models
+
     config = FLAGS.config
     try:
-        model = models.from_config(config.model)
-        print(models.describe(model, config.model.name))
-    except ValueError as e:
+        if FLAGS.mode == "summary":
+            print(models.describe(models.from_config(config.model), config.model.name))
+            return
+        if not FLAGS.workdir:
+            raise ValueError("--workdir is required for --mode train and eval")
+        initialize_distributed()
+        from resnet_jax import trainer
+
+        run = trainer.Run(config, FLAGS.workdir)
+        if FLAGS.mode == "train":
+            print(models.describe(run.model, config.model.name), flush=True)
+            run.train(stop_after=FLAGS.max_steps)
+        else:
+            run.evaluate(run.initial_state())
+    except (ValueError, FloatingPointError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 
 

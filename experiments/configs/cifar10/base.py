@@ -1,5 +1,6 @@
-"""CIFAR-10 as in section 4.2: batch 128, lr 0.1 divided by 10 at 32k and 48k, stop at 64k, weight decay 1e-4,
-momentum 0.9, option A shortcuts, 4-pixel pad + random crop + flip. Each experiment file calls get_config."""
+"""CIFAR-10 as in section 4.2: batch 128, lr 0.1 divided by 10 at 32k and 48k iterations, stop at 64k,
+weight decay 1e-4, momentum 0.9, option A shortcuts, 4-pixel pad + random 32x32 crop + flip, per-pixel mean
+subtraction. Each experiment file is a thin call of get_config."""
 
 import ml_collections
 
@@ -9,9 +10,32 @@ def get_config(model: str = "resnet20", shortcut: str = "A") -> ml_collections.C
     c.model = ml_collections.ConfigDict(dict(
         name=model, shortcut=shortcut, num_classes=10, stride_on="1x1", zero_init_last_bn=False,
         bn_momentum=0.9, bn_epsilon=1e-5, dtype="float32"))
+
     c.dataset = "cifar10"
     c.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: $TFDS_DATA_DIR, then TFDS' default
+    c.data = ml_collections.ConfigDict(dict(
+        validation_split=False,  # True: the paper's 45k/5k train/validation split of the training set
+        normalization="per_pixel_mean",  # the paper's; or "per_channel" mean/std
+        augment=True, pad=4,
+        on_device=True))  # the 180 MB dataset lives in accelerator memory; crops and flips run there
+    c.train_split = "train"
+    c.eval_splits = ("test",)  # add "validation" with data.validation_split=True
+
     c.seed = 0
     c.batch_size = 128  # global, over every device of every host
+    c.eval_batch_size = 1000
     c.num_train_steps = 64_000
+    c.ghost_batch_size = 0  # 0: BN statistics over the global batch; k: over fixed groups of k examples
+
+    c.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=0.1, reference_batch_size=0,  # >0: linear scaling, lr * batch_size / reference
+        momentum=0.9, nesterov=False, weight_decay=1e-4, weight_decay_on="all"))
+    c.schedule = ml_collections.ConfigDict(dict(
+        name="step", boundaries=(0.5, 0.75), decay_factor=0.1,  # 32k and 48k of 64k
+        warmup_steps=0, warmup="constant", warmup_learning_rate=0.01))
+
+    c.log_every_steps = 100
+    c.eval_every_steps = 2000
+    c.checkpoint_every_steps = 2000
+    c.keep_checkpoints = 3
     return c

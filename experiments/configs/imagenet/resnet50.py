@@ -1,4 +1,4 @@
-"""ResNet-50, option B (Table 3 and 4)."""
+"""ResNet-50, option B (Tables 2-4)."""
 
 from experiments.configs.imagenet import base
 

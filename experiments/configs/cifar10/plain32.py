@@ -1,0 +1,7 @@
+"""Plain-32, no shortcuts (Figure 6, left)."""
+
+from experiments.configs.cifar10 import base
+
+
+def get_config():
+    return base.get_config("plain32", shortcut="plain")

@@ -1,0 +1,7 @@
+"""ResNet-44, option A (Table 6)."""
+
+from experiments.configs.cifar10 import base
+
+
+def get_config():
+    return base.get_config("resnet44")

@@ -1,0 +1,7 @@
+"""Plain-34, no shortcuts (Table 2, Figure 4 left)."""
+
+from experiments.configs.imagenet import base
+
+
+def get_config():
+    return base.get_config("plain34", shortcut="plain")

@@ -1,0 +1,7 @@
+"""ResNet-34 with option A shortcuts (Table 3)."""
+
+from experiments.configs.imagenet import base
+
+
+def get_config():
+    return base.get_config("resnet34", shortcut="A")
