@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from resnet_jax.data.eval import average_view_scores, image_keys
 from resnet_jax.models import ResNet
 from resnet_jax.sharding import batch_sharding, replicated
 from resnet_jax.train_state import TrainState
@@ -74,16 +75,16 @@ def train_step(state: TrainState, batch: Batch, *, model: ResNet, tx: optax.Grad
 def eval_step(state: TrainState, batch: Batch, *, model: ResNet) -> Metrics:
     """Sums over the real (mask 1) examples of a batch: loss, top-1 and top-5 correct, and their count.
 
-    An image with several views ([N, V, H, W, 3], e.g. 10-crop) is scored by the mean of its views' softmax.
+    An image with several views (10-crop: "image" [N, 10, H, W, 3]; multi-scale: "image_224", "image_256",
+    ...) is scored by the mean of its views' softmax scores, as the paper averages scores.
     """
-    images, labels = batch["image"], batch["label"]
+    labels = batch["label"]
     mask = batch.get("mask", jnp.ones(labels.shape, jnp.float32)).astype(jnp.float32)
-    if images.ndim == 5:
-        n, views = images.shape[:2]
-        logits = model.apply(state.variables, images.reshape(n * views, *images.shape[2:]), train=False)
-        log_probs = jnp.log(jax.nn.softmax(logits).reshape(n, views, -1).mean(axis=1))
+    logits_fn = functools.partial(model.apply, state.variables, train=False)
+    if image_keys(batch) == ["image"] and batch["image"].ndim == 4:
+        log_probs = jax.nn.log_softmax(logits_fn(batch["image"]))
     else:
-        log_probs = jax.nn.log_softmax(model.apply(state.variables, images, train=False))
+        log_probs = jnp.log(jnp.maximum(average_view_scores(logits_fn, batch), jnp.finfo(jnp.float32).tiny))
     loss = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
     return {
         "loss_sum": jnp.sum(loss * mask),

@@ -109,7 +109,6 @@ def test_linear_warmup_and_cosine():
 
 def test_linear_scaling_rule_from_config():
     from experiments.configs.imagenet import resnet50
-
     from resnet_jax.config import base_learning_rate
 
     c = resnet50.get_config()
