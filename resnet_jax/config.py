@@ -62,3 +62,25 @@ def make_optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTrans
     o = config.optimizer
     return optim.sgd(schedule, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
                      weight_decay_on=o.weight_decay_on)
+
+
+def load(path: str, overrides: dict[str, Any] | None = None) -> Any:
+    """The config that a config file's get_config() returns, with dotted-key overrides applied, as launch.py
+    builds it (for notebooks and tests). The repository root must be importable (it is from its root)."""
+    import importlib.util
+    import pathlib
+
+    path = str(pathlib.Path(path))
+    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+    if spec is None or not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"no config file at {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for key, value in (overrides or {}).items():
+        parent = config
+        *head, last = key.split(".")
+        for part in head:
+            parent = parent[part]
+        parent[last] = value
+    return config

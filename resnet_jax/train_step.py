@@ -67,7 +67,7 @@ def train_step(state: TrainState, batch: Batch, *, model: ResNet, tx: optax.Grad
         "top1_error": jnp.mean(1.0 - top_k_correct(logits, labels, 1)),
         "top5_error": jnp.mean(1.0 - top_k_correct(logits, labels, 5)),
         "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
     }
     return new_state, metrics
 

@@ -131,9 +131,9 @@ class Run:
                                              f"saving, the last good checkpoint is kept")
                 writer.write(done, "train", summary)
                 eta = (c.num_train_steps - done) * c.batch_size / summary["img_per_s"] if window_steps else 0.0
+                speed = f", {summary['img_per_s']:.1f} img/s, ETA {_duration(eta)}" if window_steps else ""
                 _log(f"step {done}/{c.num_train_steps}: loss {summary['loss']:.4f}, top-1 error "
-                     f"{summary['top1_error']:.4f}, lr {summary['learning_rate']:.4g}, "
-                     f"{summary['img_per_s']:.1f} img/s, ETA {_duration(eta)}")
+                     f"{summary['top1_error']:.4f}, lr {summary['learning_rate']:.4g}{speed}")
                 window_start, window_steps = time.perf_counter(), 0
             if done % c.eval_every_steps == 0 or done == c.num_train_steps:
                 results = self.evaluate(state, writer)

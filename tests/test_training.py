@@ -79,7 +79,7 @@ def test_first_step_is_sgd_with_l2_weight_decay():
     for a, b in zip(jax.tree_util.tree_leaves(new_state.params), jax.tree_util.tree_leaves(expected)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     assert float(metrics["learning_rate"]) == pytest.approx(0.1)
-    assert float(metrics["grad_norm"]) == pytest.approx(float(optax.global_norm(grads)), rel=1e-5)
+    assert float(metrics["grad_norm"]) == pytest.approx(float(optax.tree.norm(grads)), rel=1e-5)
     assert 0.0 <= float(metrics["top1_error"]) <= 1.0 and float(metrics["top5_error"]) <= float(metrics["top1_error"])
 
 

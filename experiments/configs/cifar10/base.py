@@ -17,7 +17,8 @@ def get_config(model: str = "resnet20", shortcut: str = "A") -> ml_collections.C
         validation_split=False,  # True: the paper's 45k/5k train/validation split of the training set
         normalization="per_pixel_mean",  # the paper's; or "per_channel" mean/std
         augment=True, pad=4,
-        on_device=True))  # the 180 MB dataset lives in accelerator memory; crops and flips run there
+        on_device=True,  # the 180 MB dataset lives in accelerator memory; crops and flips run there
+        download=True))  # let TFDS download CIFAR-10 when it is not under data_dir
     c.train_split = "train"
     c.eval_splits = ("test",)  # add "validation" with data.validation_split=True
 

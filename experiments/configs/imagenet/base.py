@@ -18,7 +18,7 @@ def get_config(model: str = "resnet50", shortcut: str = "B") -> ml_collections.C
     c.dataset = "imagenet2012"
     c.data_dir = ml_collections.FieldReference(None, field_type=str)
     c.data = ml_collections.ConfigDict(dict(
-        train_crop="scale", scale_range=(256, 480), crop_size=224, pca_lighting=0.1,
+        train_crop="scale", scale_range=(256, 480), crop_size=224, pca_lighting=0.1, normalization="mean",
         eval_mode="center", eval_resize=256, multiscale_sizes=(224, 256, 384, 480, 640)))
     c.train_split = "train"
     c.eval_splits = ("validation",)
