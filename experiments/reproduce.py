@@ -1,0 +1,220 @@
+"""Reproduce the paper's CIFAR-10 experiments at a chosen budget, then render their figures and tables from
+the runs' own logs (never from numbers typed in).
+
+    python -m experiments.reproduce degradation --budget 0.01          # Figures 1 and 6, Figure 7
+    python -m experiments.reproduce cifar_table --budget 1.0 --seeds 5  # Table 6 (accelerator)
+    python -m experiments.reproduce shortcuts --budget 0.01             # Table 3's A/B/C idea, on CIFAR
+    python -m experiments.reproduce degradation --render-only           # redraw from finished runs
+
+`--budget` is the fraction of the paper's schedule (64k iterations of 128); the learning-rate boundaries are
+fractions of the run, so a shortened run keeps the schedule's shape. Each experiment writes its runs to
+experiments/results/<experiment>/<run>/ (resumable: running again continues unfinished runs) and its figure
+(PNG) and table (Markdown and CSV) beside them. `--set KEY=VALUE` overrides any config field of every run
+(e.g. `--set batch_size=64 model.dtype=bfloat16`).
+"""
+
+import argparse
+import csv
+import dataclasses
+import json
+import pathlib
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "experiments" / "configs" / "cifar10"
+
+# Table 6 of the paper, CIFAR-10 test error (%); ResNet-110 is "best (mean +- std)" of 5 runs: 6.43 (6.61+-0.16).
+PAPER_TEST_ERROR = {"resnet20": 8.75, "resnet32": 7.51, "resnet44": 7.17, "resnet56": 6.97, "resnet110": 6.43,
+                    "resnet1202": 7.93}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    label: str  # directory name and legend
+    config: str  # config file under experiments/configs/cifar10
+    overrides: tuple[tuple[str, Any], ...] = ()
+    seed: int = 0
+
+
+def experiment_runs(name: str, depths: Sequence[int], seeds: int) -> list[RunSpec]:
+    if name == "degradation":
+        return [RunSpec(f"{kind}{d}", f"{kind}{d}.py") for kind in ("plain", "resnet") for d in depths]
+    if name == "cifar_table":
+        return [RunSpec(f"resnet{d}_seed{s}", f"resnet{d}.py", seed=s) for d in depths for s in range(seeds)]
+    if name == "shortcuts":
+        return [RunSpec(f"resnet{d}_{o}", f"resnet{d}.py", (("model.shortcut", o),)) for d in depths
+                for o in ("A", "B", "C")]
+    raise ValueError(f"unknown experiment {name!r}; allowed: degradation, cifar_table, shortcuts")
+
+
+DEFAULT_DEPTHS = {"degradation": (20, 56), "cifar_table": (20, 32, 44, 56, 110), "shortcuts": (20,)}
+
+
+def run_config(spec: RunSpec, budget: float, extra: dict[str, Any]) -> Any:
+    from resnet_jax import config as config_lib
+
+    c = config_lib.load(str(CONFIGS / spec.config), dict(spec.overrides))
+    steps = max(1, round(c.num_train_steps * budget))
+    c.num_train_steps = steps
+    c.seed = spec.seed
+    # About 40 points per curve and a test evaluation at 10 of them, as in Figure 6.
+    c.log_every_steps = max(1, steps // 40)
+    c.eval_every_steps = max(1, steps // 10)
+    c.checkpoint_every_steps = max(1, steps // 10)
+    if c.schedule.warmup_steps:
+        c.schedule.warmup_steps = max(1, round(c.schedule.warmup_steps * budget))
+    for key, value in extra.items():
+        parent = c
+        *head, last = key.split(".")
+        for part in head:
+            parent = parent[part]
+        parent[last] = value
+    return c
+
+
+def train_runs(runs: list[RunSpec], out: pathlib.Path, budget: float, extra: dict[str, Any]) -> None:
+    import jax
+
+    from resnet_jax import trainer
+    from resnet_jax.sharding import make_mesh
+
+    mesh = make_mesh(jax.devices())
+    for spec in runs:
+        workdir = out / spec.label
+        config = run_config(spec, budget, extra)
+        print(f"== {spec.label}: {config.num_train_steps} steps of {config.batch_size} -> {workdir}", flush=True)
+        start = time.perf_counter()
+        trainer.train_and_evaluate(config, str(workdir), mesh=mesh)
+        (workdir / "run.json").write_text(json.dumps({
+            "config": spec.config, "overrides": dict(spec.overrides), "seed": spec.seed, "budget": budget,
+            "num_train_steps": config.num_train_steps, "batch_size": config.batch_size,
+            "extra": extra, "seconds": round(time.perf_counter() - start, 1),
+            "hardware": f"{platform.processor() or platform.machine()}, {jax.device_count()} x "
+                        f"{jax.devices()[0].device_kind}"}))
+
+
+def summarize(workdir: pathlib.Path) -> dict[str, Any]:
+    """Final figures of one run from its metrics.jsonl: training error (mean over the last 10% of the logged
+    training steps, on augmented batches as the paper's curves) and the last test error."""
+    from resnet_jax import metrics
+
+    events = metrics.read(workdir)
+    train = [e for e in events if e["split"] == "train"]
+    tests = [e for e in events if e["split"] == "test"]
+    if not train or not tests:
+        raise ValueError(f"{workdir} has no finished run (no train or test events in metrics.jsonl)")
+    tail = train[-max(1, len(train) // 10):]
+    info = json.loads((workdir / "run.json").read_text()) if (workdir / "run.json").exists() else {}
+    return {"steps": train[-1]["step"], "train_error": 100 * statistics.mean(e["top1_error"] for e in tail),
+            "test_error": 100 * tests[-1]["top1_error"], "test_examples": tests[-1]["num_examples"],
+            "seconds": info.get("seconds"), "hardware": info.get("hardware", "")}
+
+
+def render_table(runs: list[RunSpec], out: pathlib.Path, name: str) -> str:
+    """Markdown and CSV tables; runs of one network (several seeds) are reported as mean +- std and best."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for spec in runs:
+        network = spec.label.split("_seed")[0]
+        groups.setdefault(network, []).append(summarize(out / spec.label))
+    rows = []
+    for network, results in groups.items():
+        tests = [r["test_error"] for r in results]
+        trains = [r["train_error"] for r in results]
+        spread = f" +- {statistics.stdev(tests):.2f} (best {min(tests):.2f})" if len(tests) > 1 else ""
+        paper = PAPER_TEST_ERROR.get(network.split("_")[0]) if name != "degradation" or "resnet" in network else None
+        rows.append({"network": network, "runs": len(results), "steps": results[0]["steps"],
+                     "train_error_%": f"{statistics.mean(trains):.2f}",
+                     "test_error_%": f"{statistics.mean(tests):.2f}{spread}",
+                     "paper_test_error_%": "" if paper is None else f"{paper:.2f}",
+                     "minutes": "" if results[0]["seconds"] is None else f"{results[0]['seconds'] / 60:.1f}",
+                     "hardware": results[0]["hardware"]})
+    with (out / f"{name}.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    header = "| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n"
+    table = header + "".join("| " + " | ".join(str(v) for v in r.values()) + " |\n" for r in rows)
+    (out / f"{name}.md").write_text(table)
+    return table
+
+
+def render_responses(runs: list[RunSpec], out: pathlib.Path, budget: float, extra: dict[str, Any]) -> str:
+    """Figure 7: std of every 3x3 layer's response on the test set, original order and sorted."""
+    import jax
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from resnet_jax import analysis, trainer
+    from resnet_jax.sharding import make_mesh
+
+    mesh = make_mesh(jax.devices()[:1])
+    stds = {}
+    for spec in runs:
+        config = run_config(spec, budget, extra)
+        run = trainer.Run(config, str(out / spec.label), mesh)
+        state = run.initial_state()
+        stds[spec.label] = list(analysis.layer_response_std(
+            run.model, state.variables, trainer.eval_batches(config, run.model, mesh, "test")).values())
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6), dpi=120)
+    for label, values in stds.items():
+        style = "--" if label.startswith("plain") else "-"
+        top.plot(range(1, len(values) + 1), values, style, label=label)
+        bottom.plot(range(1, len(values) + 1), sorted(values, reverse=True), style, label=label)
+    top.set_xlabel("layer index (original)")
+    bottom.set_xlabel("layer index (sorted by magnitude)")
+    for ax in (top, bottom):
+        ax.set_ylabel("std")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "responses.png")
+    plt.close(fig)
+    rows = ["| network | 3x3 layers | mean std | median std |", "|---|---:|---:|---:|"]
+    rows += [f"| {k} | {len(v)} | {statistics.mean(v):.3f} | {statistics.median(v):.3f} |" for k, v in stds.items()]
+    table = "\n".join(rows) + "\n"
+    (out / "responses.md").write_text(table)
+    (out / "responses.json").write_text(json.dumps(stds))
+    return table
+
+
+def _parse(value: str) -> Any:
+    """A --set value as JSON where it parses (numbers, true/false, lists), else as the string."""
+    try:
+        return json.loads({"True": "true", "False": "false"}.get(value, value))
+    except json.JSONDecodeError:
+        return value
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiment", choices=["degradation", "cifar_table", "shortcuts"])
+    parser.add_argument("--budget", type=float, default=1.0, help="fraction of the paper's 64k iterations")
+    parser.add_argument("--depths", type=int, nargs="*", help="networks' depths (6n+2)")
+    parser.add_argument("--seeds", type=int, default=1, help="runs per network (cifar_table)")
+    parser.add_argument("--out", default=None, help="default: experiments/results/<experiment>")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--render-only", action="store_true")
+    args = parser.parse_args(argv)
+    out = pathlib.Path(args.out or ROOT / "experiments" / "results" / args.experiment)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = {key: _parse(value) for key, value in (item.split("=", 1) for item in args.set)}
+    runs = experiment_runs(args.experiment, args.depths or DEFAULT_DEPTHS[args.experiment], args.seeds)
+    if not args.render_only:
+        train_runs(runs, out, args.budget, extra)
+    from resnet_jax.plot import plot_runs
+
+    plot_runs([out / r.label for r in runs], out / f"{args.experiment}.png", [r.label for r in runs],
+              title=f"CIFAR-10, {args.experiment}, budget {args.budget:g} (thin: train, bold: test)")
+    print(render_table(runs, out, args.experiment))
+    if args.experiment == "degradation":
+        print(render_responses(runs, out, args.budget, extra))
+
+
+if __name__ == "__main__":
+    main()
