@@ -1,6 +1,7 @@
 """The training loop: restore or initialise, step, log, evaluate, checkpoint. Plain values in, no globals."""
 
-import math
+import functools
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,6 +14,7 @@ from jax.sharding import Mesh
 from resnet_jax import checkpoint, models, synthetic
 from resnet_jax.config import SYNTHETIC, make_optimizer, make_schedule, validate
 from resnet_jax.metrics import MetricWriter, mean_of
+from resnet_jax.preemption import PreemptionWatcher
 from resnet_jax.sharding import make_mesh, replicated
 from resnet_jax.train_state import TrainState, init_train_state
 from resnet_jax.train_step import compile_eval_step, compile_train_step
@@ -21,6 +23,11 @@ from resnet_jax.train_step import compile_eval_step, compile_train_step
 def _log(message: str) -> None:
     if jax.process_index() == 0:
         print(message, flush=True)
+
+
+def _warn(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def split_label(split: str) -> str:
@@ -46,6 +53,25 @@ def eval_batches(config: Any, model: models.ResNet, mesh: Mesh, split: str) -> I
 
     return data.eval_batches(config.dataset, data_dir=config.data_dir, split=split,
                              global_batch_size=config.eval_batch_size, mesh=mesh, options=config.data.to_dict())
+
+
+def best_checkpoint_split(config: Any) -> str | None:
+    """The split that ranks checkpoints for keep_best_checkpoint: the first evaluation split that is not a
+    test split (choosing a checkpoint by test error would be fitting the test set), or None."""
+    if not config.get("keep_best_checkpoint", False):
+        return None
+    return next((s for s in config.eval_splits if split_label(s) == "eval"), None)
+
+
+def check_finite(step_metrics: list[dict], last_step: int) -> None:
+    """Raises FloatingPointError naming the first step (of those ending at `last_step`) whose loss or gradient
+    norm is NaN or infinite; a finite gradient with a finite loss means the update was finite too."""
+    fetched = jax.device_get([(m["loss"], m["grad_norm"]) for m in step_metrics])
+    for i, (loss, grad_norm) in enumerate(fetched):
+        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+            step = last_step - len(fetched) + i + 1
+            what = f"loss is {float(loss)}" if not np.isfinite(loss) else f"gradient norm is {float(grad_norm)}"
+            raise FloatingPointError(f"{what} at step {step}")
 
 
 def evaluate_split(state: TrainState, eval_step: Any, batches: Iterator[dict]) -> dict[str, float]:
@@ -75,20 +101,44 @@ class Run:
         self.train_step = compile_train_step(self.mesh, model=self.model, tx=self.tx, schedule=self.schedule,
                                              ghost_batch_size=config.ghost_batch_size)
         self.eval_step = compile_eval_step(self.mesh, self.model)
-        self.checkpoints = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints)
+        self.best_split = best_checkpoint_split(config)
+        self.checkpoints = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints,
+                                              keep_best=self.best_split is not None)
+
+    @functools.cached_property
+    def state_shapes(self) -> TrainState:
+        return jax.eval_shape(self._init)
+
+    @functools.cached_property
+    def _meta(self) -> dict[str, Any]:
+        shapes = self.state_shapes
+        return checkpoint.make_meta(self.config, self.config.model.name, models.model_options(self.model),
+                                    models.count_params(shapes.params), checkpoint.state_shapes(shapes),
+                                    self.best_split)
 
     def meta(self) -> dict[str, Any]:
-        return {"config": self.config.to_json(), "model": self.config.model.name}
+        return self._meta
 
     def initial_state(self) -> TrainState:
-        """The newest checkpoint in the workdir, or a fresh state."""
-        latest = self.checkpoints.latest_step()
-        if latest is None:
+        """The newest readable checkpoint in the workdir (after checking it holds this config's network), or a
+        fresh state."""
+        target = checkpoint.abstract_state(self.state_shapes, self.mesh)
+        found = checkpoint.restore_newest(self.checkpoints, target, self.meta(), quarantine=True, warn=_warn)
+        if found is None:
             return self._init()
-        target = checkpoint.abstract_state(jax.eval_shape(self._init), self.mesh)
-        state, _ = checkpoint.restore(self.checkpoints, latest, target)
-        _log(f"resumed from {self.workdir} at step {latest}")
+        state, _, step = found
+        _log(f"resumed from {self.workdir} at step {step}")
         return state
+
+    def _save(self, step: int, state: TrainState, unchecked: list[dict], metrics: dict | None) -> None:
+        try:
+            check_finite(unchecked, step)
+        except FloatingPointError as e:
+            self.checkpoints.wait_until_finished()  # a save in flight is of an earlier, good step
+            last = self.checkpoints.latest_step()
+            kept = f"the last good checkpoint (step {last}) is kept" if last is not None else "no checkpoint"
+            raise FloatingPointError(f"{e}; stopping without saving, {kept}") from None
+        checkpoint.save(self.checkpoints, step, state, self.meta(), metrics)
 
     def evaluate(self, state: TrainState, writer: MetricWriter | None = None) -> dict[str, dict[str, float]]:
         results = {}
@@ -111,9 +161,21 @@ class Run:
         end = c.num_train_steps if stop_after is None else min(c.num_train_steps, start + stop_after)
         writer = MetricWriter(self.workdir)
         batches = train_batches(c, self.model, self.mesh, start)
+        t_start = time.perf_counter()
+        # SIGTERM from here on finishes the step, saves and returns with "preempted": True.
+        with PreemptionWatcher() as preemption:
+            outcome = self._loop(state, start, end, batches, writer, preemption)
+        self.checkpoints.wait_until_finished()
+        writer.close()
+        _log(f"trained steps {start}..{outcome['step']} in {_duration(time.perf_counter() - t_start)}")
+        return outcome
+
+    def _loop(self, state: TrainState, start: int, end: int, batches: Iterator[dict], writer: MetricWriter,
+              preemption: PreemptionWatcher) -> dict[str, Any]:
+        c = self.config
         pending: list[dict] = []
         results: dict[str, Any] = {}
-        window_start, window_steps, t_start = time.perf_counter(), 0, time.perf_counter()
+        window_start, window_steps = time.perf_counter(), 0
         for step in range(start, end):
             state, metrics = self.train_step(state, next(batches))
             pending.append(metrics)  # stays on the device until the next log line
@@ -122,27 +184,35 @@ class Run:
                 jax.block_until_ready(metrics)
                 window_start, window_steps = time.perf_counter(), 0
             if done % c.log_every_steps == 0 or done == end:
+                try:
+                    check_finite(pending, done)
+                except FloatingPointError as e:
+                    raise FloatingPointError(f"{e}; stopping without saving, the last good checkpoint is "
+                                             "kept") from None
                 summary = mean_of(pending)
                 pending = []
                 elapsed = time.perf_counter() - window_start
                 summary["img_per_s"] = window_steps * c.batch_size / elapsed if window_steps else float("nan")
-                if not math.isfinite(summary["loss"]):
-                    raise FloatingPointError(f"loss is {summary['loss']} at step {done}; stopping without "
-                                             f"saving, the last good checkpoint is kept")
                 writer.write(done, "train", summary)
                 eta = (c.num_train_steps - done) * c.batch_size / summary["img_per_s"] if window_steps else 0.0
                 speed = f", {summary['img_per_s']:.1f} img/s, ETA {_duration(eta)}" if window_steps else ""
                 _log(f"step {done}/{c.num_train_steps}: loss {summary['loss']:.4f}, top-1 error "
                      f"{summary['top1_error']:.4f}, lr {summary['learning_rate']:.4g}{speed}")
                 window_start, window_steps = time.perf_counter(), 0
-            if done % c.eval_every_steps == 0 or done == c.num_train_steps:
+            evaluated = done % c.eval_every_steps == 0 or done == c.num_train_steps
+            if evaluated:
                 results = self.evaluate(state, writer)
-            if done % c.checkpoint_every_steps == 0 or done == end:
-                checkpoint.save(self.checkpoints, done, state, self.meta())
-        self.checkpoints.wait_until_finished()
-        writer.close()
-        _log(f"trained steps {start}..{end} in {_duration(time.perf_counter() - t_start)}")
-        return {"step": end, "eval": results, "state": state}
+            # Every process reaches the same answer at the same step (see preemption.py).
+            preempted = preemption.reached(done)
+            ranked = evaluated and self.best_split in results
+            if done % c.checkpoint_every_steps == 0 or done == end or preempted or ranked:
+                best_metric = {checkpoint.BEST_METRIC: results[self.best_split][checkpoint.BEST_METRIC]} \
+                    if ranked else None
+                self._save(done, state, pending, best_metric)
+            if preempted:
+                _log(f"preempted: saved step {done} and stopping; run again with the same workdir to resume")
+                return {"step": done, "eval": results, "state": state, "preempted": True}
+        return {"step": end, "eval": results, "state": state, "preempted": False}
 
 
 def _duration(seconds: float) -> str:
