@@ -9,7 +9,8 @@ def get_config(model: str = "resnet20", shortcut: str = "A") -> ml_collections.C
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict(dict(
         name=model, shortcut=shortcut, num_classes=10, stride_on="1x1", zero_init_last_bn=False,
-        bn_momentum=0.9, bn_epsilon=1e-5, dtype="float32"))
+        bn_momentum=0.9, bn_epsilon=1e-5, dtype="float32",
+        conv_impl="auto"))  # "auto": weight gradients as matrix products on CPU (same math, faster)
 
     c.dataset = "cifar10"
     c.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: $TFDS_DATA_DIR, then TFDS' default
@@ -39,4 +40,6 @@ def get_config(model: str = "resnet20", shortcut: str = "A") -> ml_collections.C
     c.eval_every_steps = 2000
     c.checkpoint_every_steps = 2000
     c.keep_checkpoints = 3
+    # Also keep the checkpoint of lowest top-1 error on the first eval split that is not a test split, if any.
+    c.keep_best_checkpoint = True
     return c
