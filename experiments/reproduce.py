@@ -57,7 +57,12 @@ DEFAULT_DEPTHS = {"degradation": (20, 56), "cifar_table": (20, 32, 44, 56, 110),
 def run_config(spec: RunSpec, budget: float, extra: dict[str, Any]) -> Any:
     from resnet_jax import config as config_lib
 
-    c = config_lib.load(str(CONFIGS / spec.config), dict(spec.overrides))
+    path, overrides = CONFIGS / spec.config, dict(spec.overrides)
+    if not path.exists():  # a depth without its own file (e.g. resnet8 for a smoke test): the base recipe
+        name = path.stem
+        path = CONFIGS / "base.py"
+        overrides = {"model.name": name, "model.shortcut": "plain" if name.startswith("plain") else "A", **overrides}
+    c = config_lib.load(str(path), overrides)
     steps = max(1, round(c.num_train_steps * budget))
     c.num_train_steps = steps
     c.seed = spec.seed
