@@ -101,6 +101,8 @@ class Run:
         self.train_step = compile_train_step(self.mesh, model=self.model, tx=self.tx, schedule=self.schedule,
                                              ghost_batch_size=config.ghost_batch_size)
         self.eval_step = compile_eval_step(self.mesh, self.model)
+        self._all_finite = jax.jit(lambda tree: jnp.all(jnp.asarray(
+            [jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)])))
         self.best_split = best_checkpoint_split(config)
         self.checkpoints = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints,
                                               keep_best=self.best_split is not None)
@@ -133,6 +135,9 @@ class Run:
     def _save(self, step: int, state: TrainState, unchecked: list[dict], metrics: dict | None) -> None:
         try:
             check_finite(unchecked, step)
+            # A finite loss and gradient can still give a non-finite update (a huge or NaN learning rate).
+            if not bool(self._all_finite((state.params, state.batch_stats))):
+                raise FloatingPointError(f"parameters are NaN or infinite after step {step}")
         except FloatingPointError as e:
             self.checkpoints.wait_until_finished()  # a save in flight is of an earlier, good step
             last = self.checkpoints.latest_step()
