@@ -80,3 +80,113 @@ def from_keras(keras_model: Any, bn_epsilon: float = 1e-5) -> Variables:
     params["head"] = {"kernel": kernel, "bias": bias}
     to_f32 = lambda tree: {k: to_f32(v) if isinstance(v, dict) else np.asarray(v, np.float32) for k, v in tree.items()}  # noqa: E731
     return {"params": to_f32(params), "batch_stats": to_f32(stats)}
+
+
+# torchvision's ResNet (torchvision.models.resnet18 ... resnet152) in its state-dict layout: convolutions
+# OIHW, BN weight/bias/running_mean/running_var (epsilon 1e-5, as ours), fc.weight [classes, features].
+# Its bottlenecks downsample in the 3x3 ("v1.5"): our stride_on="3x3". Its projection shortcuts sit where the
+# shape changes (option B), as layerN.0.downsample.0 (conv) and .1 (BN).
+_TV_CONV = re.compile(r"layer(\d)\.(\d+)\.conv(\d)\.weight")
+_TV_IGNORED = ("num_batches_tracked",)  # BN's update counter; our BN uses a fixed momentum
+
+
+def torchvision_network(state_dict: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(name, create options) of our network matching a torchvision ResNet state dict."""
+    blocks: dict[int, int] = {}
+    bottleneck = False
+    for key in state_dict:
+        match = _TV_CONV.fullmatch(key)
+        if match:
+            stage, block = int(match.group(1)), int(match.group(2))
+            blocks[stage] = max(blocks.get(stage, 0), block + 1)
+            bottleneck |= match.group(3) == "3"
+    sizes = tuple(blocks.get(s, 0) for s in range(1, 5))
+    depth = next((d for d, (s, b) in IMAGENET_STAGES.items() if s == sizes and b == bottleneck), None)
+    if depth is None or "fc.weight" not in state_dict:
+        raise ValueError(f"not a torchvision ResNet-18/34/50/101/152 state dict: stage sizes {sizes}, "
+                         f"bottleneck {bottleneck}, fc.weight {'present' if 'fc.weight' in state_dict else 'missing'}")
+    num_classes = int(np.shape(state_dict["fc.weight"])[0])
+    return f"resnet{depth}", dict(shortcut="B", stride_on="3x3", num_classes=num_classes)
+
+
+def from_torchvision(state_dict: dict[str, Any]) -> tuple[str, dict[str, Any], Variables]:
+    """(name, create options, `{"params", "batch_stats"}`) from a torchvision ResNet state dict of arrays.
+
+    Every key must be used (apart from BN's num_batches_tracked), and every variable of our network filled
+    with the shape it declares; otherwise ValueError names the first key or variable left over."""
+    name, options = torchvision_network(state_dict)
+    model = create(name, **options)
+    unused = {k for k in state_dict if not k.endswith(_TV_IGNORED)}
+
+    def take(key: str) -> np.ndarray:
+        if key not in state_dict:
+            raise ValueError(f"torchvision state dict has no {key!r}, which {name} needs")
+        unused.discard(key)
+        return np.asarray(state_dict[key], np.float32)
+
+    def conv(prefix: str) -> dict[str, np.ndarray]:
+        return {"kernel": take(f"{prefix}.weight").transpose(2, 3, 1, 0)}  # OIHW -> HWIO
+
+    def bn(prefix: str) -> tuple[dict, dict]:
+        return ({"scale": take(f"{prefix}.weight"), "bias": take(f"{prefix}.bias")},
+                {"mean": take(f"{prefix}.running_mean"), "var": take(f"{prefix}.running_var")})
+
+    params: dict[str, Any] = {"stem_conv": conv("conv1")}
+    stats: dict[str, Any] = {}
+    params["stem_bn"], stats["stem_bn"] = bn("bn1")
+    convs = 3 if model.bottleneck else 2
+    for s, blocks in enumerate(model.stage_sizes, start=1):
+        for b in range(blocks):
+            theirs, ours = f"layer{s}.{b}", f"stage{s}_block{b + 1}"
+            block_params, block_stats = {}, {}
+            for i in range(1, convs + 1):
+                block_params[f"conv{i}"] = conv(f"{theirs}.conv{i}")
+                block_params[f"bn{i}"], block_stats[f"bn{i}"] = bn(f"{theirs}.bn{i}")
+            if f"{theirs}.downsample.0.weight" in state_dict:
+                block_params["proj_conv"] = conv(f"{theirs}.downsample.0")
+                block_params["proj_bn"], block_stats["proj_bn"] = bn(f"{theirs}.downsample.1")
+            params[ours], stats[ours] = block_params, block_stats
+    params["head"] = {"kernel": take("fc.weight").T, "bias": take("fc.bias")}
+    if unused:
+        raise ValueError(f"torchvision state dict keys not mapped onto {name}: {', '.join(sorted(unused)[:5])}")
+    variables = {"params": params, "batch_stats": stats}
+    _check_filled(model, variables, name)
+    return name, options, variables
+
+
+def _check_filled(model: ResNet, variables: Variables, name: str) -> None:
+    import jax
+
+    from resnet_jax.models import abstract_variables
+
+    expected = {jax.tree_util.keystr(p): x.shape
+                for p, x in jax.tree_util.tree_flatten_with_path(abstract_variables(model))[0]}
+    got = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(variables)[0]}
+    for key in sorted(set(expected) | set(got)):
+        if expected.get(key) != got.get(key):
+            raise ValueError(f"{name} variable {key}: the network declares {expected.get(key)}, the weights "
+                             f"give {got.get(key)}")
+
+
+def read_state_dict(path: str | Any) -> dict[str, np.ndarray]:
+    """A state dict (name -> array) from .safetensors or .npz, or from a PyTorch .pt/.pth file when torch is
+    installed. Nothing in the file is executed: torch.load runs with weights_only=True."""
+    import pathlib
+
+    path = pathlib.Path(path)
+    if path.suffix in (".pt", ".pth", ".bin"):
+        try:
+            import torch
+        except ImportError:
+            raise ValueError(f"{path} is a PyTorch file and torch is not installed; convert it to .safetensors "
+                             "(safetensors.torch.save_file(state_dict, ...)) or install torch") from None
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model"):  # training checkpoints often wrap the weights
+            if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+                loaded = loaded[key]
+        return {k.removeprefix("module."): v.float().numpy() for k, v in loaded.items()}
+    from resnet_jax.export import META_KEY, read_arrays
+
+    arrays = read_arrays(path)
+    arrays.pop(META_KEY, None)
+    return arrays
