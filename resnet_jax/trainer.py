@@ -70,8 +70,8 @@ def check_finite(step_metrics: list[dict], last_step: int) -> None:
     for i, (loss, grad_norm) in enumerate(fetched):
         if not (np.isfinite(loss) and np.isfinite(grad_norm)):
             step = last_step - len(fetched) + i + 1
-            what = f"loss is {float(loss)}" if not np.isfinite(loss) else f"gradient norm is {float(grad_norm)}"
-            raise FloatingPointError(f"{what} at step {step}")
+            raise FloatingPointError(f"non-finite loss or gradient at step {step} (loss {float(loss)}, gradient "
+                                     f"norm {float(grad_norm)})")
 
 
 def evaluate_split(state: TrainState, eval_step: Any, batches: Iterator[dict]) -> dict[str, float]:
