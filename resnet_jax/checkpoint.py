@@ -53,6 +53,8 @@ def manager(workdir: str | pathlib.Path, *, max_to_keep: int | None = 3, keep_be
                       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy([latest, best]))
     elif not read_only:
         kwargs.update(max_to_keep=max_to_keep)
+    if read_only:
+        kwargs.update(save_interval_steps=0)
     return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(**kwargs),
                                  item_names=("state", "meta"))
 
