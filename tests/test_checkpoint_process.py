@@ -43,6 +43,10 @@ def tmp_dirs(workdir):
     return [p for p in directory.iterdir() if TMP_SUFFIX in p.name] if directory.is_dir() else []
 
 
+def logged(log, line_start):
+    return lambda: re.search(rf"^{re.escape(line_start)}", log.read_text(), re.M) is not None
+
+
 def test_sigkill_at_random_moments_always_leaves_a_restorable_checkpoint(tmp_path):
     rng = random.Random(0)
     workdir, steps, newest, killed_mid_save = tmp_path / "run", 40, 0, 0
@@ -50,7 +54,7 @@ def test_sigkill_at_random_moments_always_leaves_a_restorable_checkpoint(tmp_pat
         log = tmp_path / f"trial{trial}.log"
         process = start(args(workdir, steps, 1), log)
         # A few steps (and saves) into this launch, so that every trial moves the newest checkpoint on.
-        wait_for(lambda: re.search(rf"^step {newest + 3}/", log.read_text(), re.M), process, poll=0.01)
+        wait_for(logged(log, f"step {newest + 3}/"), process, poll=0.01)
         if moment == "during a save":
             # A save in flight with an older one committed: the kill must leave the older one readable.
             wait_for(lambda: tmp_dirs(workdir) and any(p.name.isdigit() for p in (workdir / "checkpoints").iterdir()),
@@ -81,7 +85,7 @@ def test_sigkill_at_random_moments_always_leaves_a_restorable_checkpoint(tmp_pat
 def test_sigterm_finishes_the_step_saves_and_exits_0_and_the_next_launch_resumes(tmp_path):
     workdir, log = tmp_path / "run", tmp_path / "first.log"
     process = start(args(workdir, 100_000, 50_000), log)
-    wait_for(lambda: re.search(r"^step 3/", log.read_text(), re.M), process, poll=0.01)
+    wait_for(logged(log, "step 3/"), process, poll=0.01)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=300) == 0, log.read_text()[-2000:]
     saved = int(re.search(r"preempted: saved step (\d+)", log.read_text()).group(1))
