@@ -81,13 +81,30 @@ def run_config(spec: RunSpec, budget: float, extra: dict[str, Any]) -> Any:
     return c
 
 
-def train_runs(runs: list[RunSpec], out: pathlib.Path, budget: float, extra: dict[str, Any]) -> None:
+def hardware() -> str:
+    import jax
+
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        return f"{jax.device_count()} x {device.device_kind}"
+    cpu = platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import os
+
+    return f"{os.cpu_count()}-core {cpu} (CPU)"
+
+
+def train_runs(runs: list[RunSpec], out: pathlib.Path, budget: float, extra: dict[str, Any],
+               devices: int | None = None) -> None:
     import jax
 
     from resnet_jax import trainer
     from resnet_jax.sharding import make_mesh
 
-    mesh = make_mesh(jax.devices())
+    mesh = make_mesh(jax.devices()[:devices])
     for spec in runs:
         workdir = out / spec.label
         config = run_config(spec, budget, extra)
@@ -98,8 +115,7 @@ def train_runs(runs: list[RunSpec], out: pathlib.Path, budget: float, extra: dic
             "config": spec.config, "overrides": dict(spec.overrides), "seed": spec.seed, "budget": budget,
             "num_train_steps": config.num_train_steps, "batch_size": config.batch_size,
             "extra": extra, "seconds": round(time.perf_counter() - start, 1),
-            "hardware": f"{platform.processor() or platform.machine()}, {jax.device_count()} x "
-                        f"{jax.devices()[0].device_kind}"}))
+            "hardware": hardware()}))
 
 
 def summarize(workdir: pathlib.Path) -> dict[str, Any]:
@@ -147,25 +163,38 @@ def render_table(runs: list[RunSpec], out: pathlib.Path, name: str) -> str:
     return table
 
 
-def render_responses(runs: list[RunSpec], out: pathlib.Path, budget: float, extra: dict[str, Any]) -> str:
-    """Figure 7: std of every 3x3 layer's response on the test set, original order and sorted."""
+def load_run(workdir: str | pathlib.Path, mesh: Any = None) -> tuple[Any, Any, Any]:
+    """(Run, restored state, config) of a finished run of this driver, rebuilt from its run.json."""
     import jax
+
+    from resnet_jax import trainer
+    from resnet_jax.sharding import make_mesh
+
+    workdir = pathlib.Path(workdir)
+    info = json.loads((workdir / "run.json").read_text())
+    spec = RunSpec(workdir.name, info["config"], tuple(info["overrides"].items()), info["seed"])
+    config = run_config(spec, info["budget"], info["extra"])
+    run = trainer.Run(config, str(workdir), mesh or make_mesh(jax.devices()[:1]))
+    return run, run.initial_state(), config
+
+
+def response_stds(workdir: str | pathlib.Path) -> list[float]:
+    """Figure 7's std of every 3x3 layer's response on the test set, in network order, for one run."""
+    from resnet_jax import analysis, trainer
+
+    run, state, config = load_run(workdir)
+    batches = trainer.eval_batches(config, run.model, run.mesh, "test")
+    return list(analysis.layer_response_std(run.model, state.variables, batches).values())
+
+
+def render_responses(runs: list[RunSpec], out: pathlib.Path) -> str:
+    """Figure 7: std of every 3x3 layer's response on the test set, original order and sorted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from resnet_jax import analysis, trainer
-    from resnet_jax.sharding import make_mesh
-
-    mesh = make_mesh(jax.devices()[:1])
-    stds = {}
-    for spec in runs:
-        config = run_config(spec, budget, extra)
-        run = trainer.Run(config, str(out / spec.label), mesh)
-        state = run.initial_state()
-        stds[spec.label] = list(analysis.layer_response_std(
-            run.model, state.variables, trainer.eval_batches(config, run.model, mesh, "test")).values())
+    stds = {spec.label: response_stds(out / spec.label) for spec in runs}
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6), dpi=120)
     for label, values in stds.items():
         style = "--" if label.startswith("plain") else "-"
@@ -205,20 +234,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="default: experiments/results/<experiment>")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--devices", type=int, default=None, help="use the first N devices (default: all)")
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out or ROOT / "experiments" / "results" / args.experiment)
     out.mkdir(parents=True, exist_ok=True)
     extra = {key: _parse(value) for key, value in (item.split("=", 1) for item in args.set)}
     runs = experiment_runs(args.experiment, args.depths or DEFAULT_DEPTHS[args.experiment], args.seeds)
     if not args.render_only:
-        train_runs(runs, out, args.budget, extra)
+        train_runs(runs, out, args.budget, extra, args.devices)
     from resnet_jax.plot import plot_runs
 
     plot_runs([out / r.label for r in runs], out / f"{args.experiment}.png", [r.label for r in runs],
               title=f"CIFAR-10, {args.experiment}, budget {args.budget:g} (thin: train, bold: test)")
     print(render_table(runs, out, args.experiment))
     if args.experiment == "degradation":
-        print(render_responses(runs, out, args.budget, extra))
+        print(render_responses(runs, out))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,54 @@
+"""The reproduction driver and both notebooks, end to end on a tiny budget (synthetic images, ResNet-8)."""
+
+import json
+import pathlib
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from experiments import reproduce
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--budget", "0.0001", "--depths", "8", "--devices", "1",
+        "--set", "dataset=synthetic", "batch_size=16", "eval_batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """Tiny finished runs of both experiments, made by the same command a user runs."""
+    out = tmp_path_factory.mktemp("results")
+    for experiment in ("degradation", "shortcuts"):
+        reproduce.main([experiment, *TINY, "--out", str(out / experiment)])
+    return out
+
+
+def test_driver_renders_figure_and_tables_from_the_runs(finished):
+    out = finished / "degradation"
+    assert (out / "degradation.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "responses.png").read_bytes()[:4] == b"\x89PNG"
+    table = (out / "degradation.md").read_text()
+    for run in ("plain8", "resnet8"):
+        summary = reproduce.summarize(out / run)
+        assert summary["steps"] == 6  # 0.0001 of 64k iterations
+        assert f"| {run} | 1 | 6 | {summary['train_error']:.2f} | {summary['test_error']:.2f}" in table
+        info = json.loads((out / run / "run.json").read_text())
+        assert info["budget"] == 0.0001 and info["hardware"]
+    stds = json.loads((out / "responses.json").read_text())
+    assert len(stds["plain8"]) == len(stds["resnet8"]) == 7  # stem + 3 blocks x 2 3x3 layers
+    csv = (finished / "shortcuts" / "shortcuts.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in csv[1:]] == ["resnet8_A", "resnet8_B", "resnet8_C"]
+
+
+@pytest.mark.parametrize("notebook, experiment", [("degradation.ipynb", "degradation"),
+                                                  ("shortcut_ablation.ipynb", "shortcuts")])
+def test_notebook_runs_headless(finished, notebook, experiment, monkeypatch):
+    monkeypatch.setenv("RESNET_JAX_RUNS", str(finished / experiment))
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    path = ROOT / "experiments" / "notebooks" / notebook
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    outputs = "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)
+    assert "runs in" in outputs
+    assert not any(o.get("output_type") == "error" for cell in nb.cells for o in cell.get("outputs", []))
