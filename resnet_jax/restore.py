@@ -6,8 +6,8 @@
     restore.evaluate("runs/resnet56", split="test")                   # {"top1_error": ..., ...}
 
 `load` takes a workdir, its `checkpoints/` directory, one checkpoint (`.../checkpoints/6000`) or a file
-written by `resnet_jax.export` (.npz). Checkpoints hold a replicated state, so one written by 8 devices or 2
-processes restores on 1 device, and the reverse.
+written by `resnet_jax.export` (.npz or .safetensors). Checkpoints hold a replicated state, so one written by
+8 devices or 2 processes restores on 1 device, and the reverse.
 """
 
 import json
@@ -27,7 +27,7 @@ from resnet_jax.train_state import TrainState, init_train_state
 class Loaded(NamedTuple):
     model: models.ResNet
     variables: dict[str, Any]  # {"params", "batch_stats"}: what model.apply takes
-    config: ml_collections.ConfigDict  # the run's config (for an .npz without one: just `model`)
+    config: ml_collections.ConfigDict  # the run's config (for an imported file without one: just `model`)
 
 
 def config_from_meta(meta: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -81,8 +81,8 @@ def _first_readable_meta(directory: pathlib.Path, steps: list[int]) -> dict[str,
 
 
 def load(path: str | pathlib.Path, step: int | None = None, *, best: bool = False) -> Loaded:
-    """(model, variables, config) from a workdir, a checkpoint or an exported .npz; see the module doc."""
-    if str(path).endswith(".npz"):
+    """(model, variables, config) from a workdir, a checkpoint or an exported file; see the module doc."""
+    if str(path).endswith((".npz", ".safetensors")):
         from resnet_jax import export
 
         variables, meta = export.load_variables(path)
