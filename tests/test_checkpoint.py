@@ -92,6 +92,7 @@ def test_training_saves_validation_error_beside_evaluated_checkpoints(tmp_path):
     assert set(metrics) == {8, mngr.best_step()}
     assert all(set(m) <= {"top1_error"} for m in metrics.values())
     assert restore.load(tmp_path, best=True).config.model.name == "resnet8"
+    assert restore.evaluate(tmp_path, split="test", best=True)["num_examples"] == 16  # 2 synthetic batches of 8
 
 
 def test_written_on_8_devices_restores_on_1_and_the_reverse(tmp_path):
