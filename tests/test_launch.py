@@ -153,5 +153,5 @@ def test_short_config_learns_real_cifar10(tmp_path):
     result = trainer.train_and_evaluate(c, str(tmp_path), mesh=make_mesh(jax.devices()[:1]))
     test = result["eval"]["test"]
     assert test["num_examples"] == 10_000
-    # Measured: 0.43-0.45 test error here; chance is 0.9.
+    # Measured: 0.533 test error (46.7% accuracy) on the 2-core CPU; chance is 0.9. The bar is 40% accuracy.
     assert test["top1_error"] < 0.60
