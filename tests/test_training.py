@@ -1,6 +1,10 @@
 """The train step, schedules and sharding: one step for every device count, the paper's recipes."""
 
 import functools
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -126,3 +130,19 @@ def test_weight_decay_mask():
     assert not kernels["stem_bn"]["scale"] and not kernels["stem_bn"]["bias"] and not kernels["head"]["bias"]
     with pytest.raises(ValueError, match="unknown weight_decay_on 'bn'"):
         optim.sgd(optax.constant_schedule(0.1), weight_decay_on="bn")
+
+
+def test_model_and_train_step_run_without_tensorflow(tmp_path):
+    """The GPU machines have no TensorFlow: with it made unimportable, the model, the train step, checkpoints
+    and launch.py on synthetic data still work."""
+    code = (
+        "import sys; sys.modules['tensorflow'] = None; sys.modules['tensorflow_datasets'] = None\n"
+        "sys.argv = ['launch.py', '--config', 'experiments/configs/cifar10/quick.py', '--workdir', sys.argv[1],\n"
+        "            '--config.dataset=synthetic', '--config.model.name=resnet8', '--config.batch_size=8',\n"
+        "            '--config.eval_batch_size=8', '--config.num_train_steps=2', '--config.log_every_steps=1']\n"
+        "import runpy; runpy.run_path('launch.py', run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                            timeout=600, cwd=pathlib.Path(__file__).resolve().parents[1],
+                            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "step 2/2" in result.stdout and (tmp_path / "checkpoints" / "2").exists()
