@@ -29,8 +29,10 @@ def _rate(batches, batch_size: int, steps: int, warmup: int = 3) -> float:
     return batch_size * steps / (time.perf_counter() - start)
 
 
-def cifar(batch: int, steps: int) -> None:
+def cifar(batch: int, steps: int) -> dict[str, float]:
+    """Prints and returns images/s of CIFAR-10 training batches, host and on-device paths."""
     mesh = sharding.make_mesh()
+    rates = {}
     for on_device in (False, True):
         options = {**data.DEFAULT_OPTIONS["cifar10"], "on_device": on_device}
         batches = data.train_batches("cifar10", data_dir=None, split="train", global_batch_size=batch, seed=0,
@@ -39,6 +41,8 @@ def cifar(batch: int, steps: int) -> None:
         path = "device (jitted JAX)" if on_device else "host (numpy)"
         print(f"cifar10 train, augment, {path:20s} {mesh.devices.size} {jax.devices()[0].platform} device(s): "
               f"{rate:10,.0f} images/s")
+        rates[f"cifar10 train, augment, {'device' if on_device else 'host'}"] = rate
+    return rates
 
 
 def synthetic_jpegs(count: int, seed: int = 0) -> list[bytes]:
@@ -61,7 +65,8 @@ def synthetic_jpegs(count: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-def imagenet_per_core(count: int, repeats: int) -> None:
+def imagenet_per_core(count: int, repeats: int) -> dict[str, float]:
+    """Prints and returns images/s of the ImageNet transforms on one CPU core."""
     tf = tf_util.tf()
     jpegs = synthetic_jpegs(count)
     print(f"generated {count} JPEGs, mean {np.mean([len(j) for j in jpegs]) / 1e3:.0f} KB")
@@ -72,6 +77,7 @@ def imagenet_per_core(count: int, repeats: int) -> None:
         "imagenet eval center (decode, resize 256, crop)": lambda i, x: imagenet.preprocess_eval(x, options),
         "imagenet eval 10crop": lambda i, x: imagenet.preprocess_eval(x, {**options, "eval_mode": "10crop"}),
     }
+    rates = {}
     for name, fn in transforms.items():
         ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat(repeats).enumerate().map(fn, num_parallel_calls=1)
         opts = tf.data.Options()
@@ -82,7 +88,9 @@ def imagenet_per_core(count: int, repeats: int) -> None:
             pass
         start = time.perf_counter()
         n = sum(1 for _ in ds)
-        print(f"{name:52s} 1 CPU core: {n / (time.perf_counter() - start):10,.0f} images/s")
+        rates[f"{name}, 1 CPU core"] = n / (time.perf_counter() - start)
+        print(f"{name:52s} 1 CPU core: {rates[f'{name}, 1 CPU core']:10,.0f} images/s")
+    return rates
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from resnet_jax.models.blocks import SHORTCUTS, STRIDE_ON
+from resnet_jax.models.conv import CONV_IMPLS
 from resnet_jax.models.resnet import DTYPES, ResNet
 
 # Table 1 of the paper: blocks per stage (conv2_x .. conv5_x) and whether the block is a bottleneck.
@@ -28,7 +29,8 @@ _DEFAULTS = {
     "imagenet": dict(num_classes=1000, shortcut="B"),
     "cifar": dict(num_classes=10, shortcut="A"),
 }
-_OPTIONS = ("shortcut", "num_classes", "stride_on", "zero_init_last_bn", "bn_momentum", "bn_epsilon", "dtype")
+_OPTIONS = ("shortcut", "num_classes", "stride_on", "zero_init_last_bn", "bn_momentum", "bn_epsilon", "dtype",
+            "conv_impl")
 _NAME = re.compile(r"(resnet|plain)(\d+)")
 
 
@@ -54,6 +56,7 @@ def _validate(options: Mapping[str, Any]) -> None:
         "shortcut": (lambda v: v in SHORTCUTS, "A, B, C, plain"),
         "stride_on": (lambda v: v in STRIDE_ON, "1x1, 3x3"),
         "dtype": (lambda v: v in DTYPES, ", ".join(DTYPES)),
+        "conv_impl": (lambda v: v in CONV_IMPLS, ", ".join(CONV_IMPLS)),
         "num_classes": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
         "bn_momentum": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
         "bn_epsilon": (lambda v: v > 0, "a positive number"),
@@ -70,7 +73,7 @@ def create(name: str, *, family: str | None = None, **options: Any) -> ResNet:
 
     `name` is resnet<depth> or plain<depth>; `family` ("imagenet" or "cifar") is inferred from the depth
     unless given. `options` override the paper's defaults: shortcut, num_classes, stride_on,
-    zero_init_last_bn, bn_momentum, bn_epsilon, dtype.
+    zero_init_last_bn, bn_momentum, bn_epsilon, dtype, conv_impl.
     """
     match = _NAME.fullmatch(str(name))
     if not match:

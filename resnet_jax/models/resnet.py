@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from resnet_jax.models.blocks import ResidualBlock, symmetric_padding
+from resnet_jax.models.conv import conv_function
 
 Array = Any
 
@@ -21,7 +22,9 @@ STEMS = ("imagenet", "cifar")
 class ResNet(nn.Module):
     """A residual (or plain) network; every named network is this module with a row of the stage table.
 
-    Parameters stay float32; `dtype` is the compute dtype. Logits are returned in float32.
+    Parameters stay float32; `dtype` is the compute dtype. Logits are returned in float32. `conv_impl`:
+    "auto" computes the convolutions' weight gradients as matrix products on CPUs (faster there, same
+    result within float32 rounding), "xla" leaves every gradient to XLA (resnet_jax/models/conv.py).
     """
 
     stage_sizes: Sequence[int]
@@ -35,11 +38,14 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: str = "float32"
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         dtype = DTYPES[self.dtype]
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype, kernel_init=he_normal)
+        # conv_impl changes how the CPU computes the weight gradient, never the parameters or the function.
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype, kernel_init=he_normal,
+                                 conv_general_dilated=conv_function(self.conv_impl))
         norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                                  epsilon=self.bn_epsilon, dtype=dtype)
 

@@ -1,0 +1,144 @@
+"""The network's convolution: XLA's, with the weight gradient computed as a matrix product on the CPU.
+
+The forward pass and the input gradient are XLA's own. For the weight gradient (the "backward-filter"
+convolution) XLA:CPU transposes the activation and the output gradient to put the channels first, and in a
+whole train step those transposes (re-fused with the BN and ReLU arithmetic that produces their inputs) cost
+more than every convolution of the step (README, "Speed"). `conv_impl="auto"` computes it instead as the
+product of the input's patches (the k*k shifted views of the padded input, side by side along the channels)
+with the output gradient, over chunks of the batch so that a chunk's patches stay in cache: no transpose of a
+whole activation. It is the same sum of products in another order, equal to XLA's within float32 rounding
+(tests/test_conv.py). On GPU and TPU the compiled program keeps XLA's own gradient.
+
+Plugged into `flax.linen.Conv(conv_general_dilated=...)`, so parameters keep their names and shapes.
+"""
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+CONV_IMPLS = ("xla", "auto")
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+
+def _pads(padding: Any, x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int]) -> Pads:
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(x_shape[1:3], w_shape[:2], strides, padding)
+    return tuple((int(lo), int(hi)) for lo, hi in padding)  # type: ignore[return-value]
+
+
+def _conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads) -> jax.Array:
+    return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
+
+
+def patches(x: jax.Array, kernel: tuple[int, int], strides: tuple[int, int], pads: Pads,
+            out_hw: tuple[int, int]) -> jax.Array:
+    """[N, Ho, Wo, kh*kw*C]: the input under each kernel tap, ordered (tap row, tap column, channel) as the
+    HWIO kernel flattens, so that patches @ kernel.reshape(-1, C_out) is the convolution."""
+    (kh, kw), (sh, sw), (ho, wo) = kernel, strides, out_hw
+    if any(lo or hi for lo, hi in pads):
+        x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    views = [x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :] for i in range(kh) for j in range(kw)]
+    return views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
+
+
+# Patch bytes per chunk: small enough that a chunk's patches stay in the last-level cache between being
+# written and being multiplied, large enough that each matrix product keeps both cores busy (2-8 MiB measured
+# alike on a 2-core EPYC, 16 MiB and unchunked 25-35% slower, see README "Speed").
+CHUNK_BYTES = 4 << 20
+
+
+def weight_grad_chunk(batch: int, w_shape: Sequence[int], out_hw: Sequence[int], itemsize: int = 4) -> int:
+    """Images per chunk: the most whose patches fit CHUNK_BYTES, rounded down to a divisor of the batch."""
+    per_image = out_hw[0] * out_hw[1] * w_shape[0] * w_shape[1] * w_shape[2] * itemsize
+    chunk = max(1, min(batch, CHUNK_BYTES // max(per_image, 1)))
+    while batch % chunk:
+        chunk -= 1
+    return chunk
+
+
+def _patch_weight_grad(x: jax.Array, dy: jax.Array, w_shape: Sequence[int], strides: tuple[int, int],
+                       pads: Pads) -> jax.Array:
+    p = patches(x, tuple(w_shape[:2]), strides, pads, dy.shape[1:3])
+    # Contracting the leading (pixel) axes of both lets XLA pick the operand layout; transposing the patches
+    # ourselves (channel-major) measured no faster, and XLA:CPU's transposes of whole activations are slow.
+    g = lax.dot_general(p, dy, (((0, 1, 2), (0, 1, 2)), ((), ())), preferred_element_type=jnp.float32)
+    return g.reshape(w_shape)
+
+
+def patch_weight_grad(x: jax.Array, dy: jax.Array, w_shape: Sequence[int], strides: tuple[int, int],
+                      pads: Pads, chunk: int | None = None) -> jax.Array:
+    """d(loss)/d(kernel) = patches(x)^T @ dy, summed over chunks of `chunk` images, accumulated in float32.
+
+    `lax.scan` rather than one batched product: a chunk's patches are written and read while in cache.
+    """
+    n = x.shape[0]
+    chunk = chunk or weight_grad_chunk(n, w_shape, dy.shape[1:3], x.dtype.itemsize)
+    if chunk >= n:
+        return _patch_weight_grad(x, dy, w_shape, strides, pads)
+    xs = x.reshape(n // chunk, chunk, *x.shape[1:])
+    dys = dy.reshape(n // chunk, chunk, *dy.shape[1:])
+
+    def add_chunk(total, x_dy):
+        return total + _patch_weight_grad(*x_dy, w_shape, strides, pads), None
+
+    total, _ = lax.scan(add_chunk, jnp.zeros(w_shape, jnp.float32), (xs, dys))
+    return total
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_fast_wgrad(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads) -> jax.Array:
+    return _conv(x, w, strides, pads)
+
+
+def _fwd(x, w, strides, pads):
+    return _conv(x, w, strides, pads), (x, w)
+
+
+def _bwd(strides, pads, residuals, dy):
+    x, w = residuals
+    dx = jax.linear_transpose(lambda x_: _conv(x_, w, strides, pads), x)(dy)[0]
+
+    def xla_dw(x, dy):
+        return jax.linear_transpose(lambda w_: _conv(x, w_, strides, pads), w)(dy)[0]
+
+    def patch_dw(x, dy):
+        return patch_weight_grad(x, dy, w.shape, strides, pads).astype(w.dtype)
+
+    # Traced for every platform, compiled for the one the program runs on: GPUs and TPUs keep XLA's gradient.
+    dw = lax.platform_dependent(x, dy, cpu=patch_dw, default=xla_dw)
+    return dx, dw
+
+
+_conv_fast_wgrad.defvjp(_fwd, _bwd)
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
+                         lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
+                         dimension_numbers: Any = None, feature_group_count: int = 1, batch_group_count: int = 1,
+                         precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
+    """`lax.conv_general_dilated` with the CPU weight gradient above, for the plain 2-D NHWC/HWIO convolutions
+    this network uses; anything else (dilation, groups, other layouts) goes to lax unchanged."""
+    plain = (lhs.ndim == 4 and feature_group_count == 1 and batch_group_count == 1 and precision is None
+             and preferred_element_type is None and all(d == 1 for d in (lhs_dilation or (1, 1)))
+             and all(d == 1 for d in (rhs_dilation or (1, 1)))
+             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+             == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+    if not plain:
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, batch_group_count, precision,
+                                        preferred_element_type)
+    strides = tuple(int(s) for s in window_strides)
+    return _conv_fast_wgrad(lhs, rhs, strides, _pads(padding, lhs.shape, rhs.shape, strides))
+
+
+def conv_function(impl: str) -> Callable[..., jax.Array]:
+    """The function `flax.linen.Conv` should call for `conv_impl`."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"unknown conv_impl {impl!r}; allowed: {', '.join(CONV_IMPLS)}")
+    return lax.conv_general_dilated if impl == "xla" else conv_general_dilated

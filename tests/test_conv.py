@@ -1,0 +1,133 @@
+"""conv_impl="auto" computes the same function and the same gradients as XLA's convolution (issue 6: every
+speed change keeps the math)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import lax
+
+from resnet_jax import models, optim
+from resnet_jax.models import conv
+from resnet_jax.train_state import init_train_state
+from resnet_jax.train_step import train_step
+
+SYMMETRIC = models.blocks.symmetric_padding
+
+
+def xla_conv(x, w, strides, padding):
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def loss_and_grads(fn, x, w, dy):
+    return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(fn(x, w) * dy), argnums=(0, 1)))(x, w)
+
+
+def rel_err(a, b):
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+# (batch, size, c_in, c_out, kernel, stride, padding): every kind of convolution in the networks.
+SHAPES = {
+    "3x3 s1": (8, 16, 16, 16, 3, 1, SYMMETRIC(3)),
+    "3x3 s2 (downsampling)": (8, 16, 16, 32, 3, 2, SYMMETRIC(3)),
+    "3x3 s2 odd map": (4, 7, 8, 8, 3, 2, SYMMETRIC(3)),
+    "1x1 s1 (bottleneck)": (4, 8, 32, 16, 1, 1, SYMMETRIC(1)),
+    "1x1 s2 projection VALID": (4, 8, 16, 32, 1, 2, "VALID"),
+    "7x7 s2 stem": (2, 32, 3, 16, 7, 2, SYMMETRIC(7)),
+    "3x3 VALID": (4, 9, 4, 8, 3, 1, "VALID"),
+    "3x3 SAME string": (4, 8, 4, 8, 3, 2, "SAME"),
+}
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_auto_conv_matches_xla_forward_and_gradients(name):
+    n, size, cin, cout, k, s, padding = SHAPES[name]
+    kx, kw, kd = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (n, size, size, cin))
+    w = jax.random.normal(kw, (k, k, cin, cout))
+    y_ref = xla_conv(x, w, (s, s), padding)
+    dy = jax.random.normal(kd, y_ref.shape)
+    fast = lambda x, w: conv.conv_general_dilated(x, w, (s, s), padding,  # noqa: E731
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    (loss, (dx, dw)), (loss_ref, (dx_ref, dw_ref)) = (loss_and_grads(fast, x, w, dy),
+                                                      loss_and_grads(lambda x, w: xla_conv(x, w, (s, s), padding),
+                                                                     x, w, dy))
+    assert jnp.array_equal(jax.jit(fast)(x, w), jax.jit(lambda x, w: xla_conv(x, w, (s, s), padding))(x, w))
+    assert float(loss) == pytest.approx(float(loss_ref), rel=1e-5)
+    assert jnp.array_equal(dx, dx_ref)  # XLA's own input gradient, untouched
+    assert rel_err(dw, dw_ref) < 1e-5
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4])
+def test_weight_gradient_is_the_same_in_any_chunking(chunk):
+    kx, kd = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, (4, 10, 10, 8))
+    pads = ((1, 1), (1, 1))
+    dy = jax.random.normal(kd, (4, 5, 5, 16))
+    w_shape = (3, 3, 8, 16)
+    ref = jax.linear_transpose(lambda w: xla_conv(x, w, (2, 2), pads), jnp.zeros(w_shape))(dy)[0]
+    got = jax.jit(lambda x, dy: conv.patch_weight_grad(x, dy, w_shape, (2, 2), pads, chunk=chunk))(x, dy)
+    assert rel_err(got, ref) < 1e-5
+
+
+def test_chunk_divides_the_batch_and_respects_the_budget():
+    assert conv.weight_grad_chunk(128, (3, 3, 16, 16), (32, 32)) == 4  # 590 KB of patches per image
+    assert conv.weight_grad_chunk(6, (3, 3, 16, 16), (32, 32)) == 6
+    assert conv.weight_grad_chunk(10, (3, 3, 16, 16), (32, 32)) == 5  # 7 fit; 5 is the largest divisor
+    for batch in (1, 7, 30, 128):
+        chunk = conv.weight_grad_chunk(batch, (7, 7, 3, 64), (112, 112))
+        assert batch % chunk == 0 and chunk >= 1
+
+
+def test_unusual_convolutions_fall_back_to_lax():
+    x = jnp.ones((2, 8, 8, 4))
+    w = jnp.ones((3, 3, 2, 4))  # two feature groups
+    got = conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    feature_group_count=2)
+    want = lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    feature_group_count=2)
+    assert jnp.array_equal(got, want)
+
+
+def test_conv_impl_keeps_parameters_and_is_validated():
+    a = models.abstract_variables(models.create("resnet50", conv_impl="xla"))
+    b = models.abstract_variables(models.create("resnet50", conv_impl="auto"))
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda u, v: u.shape == v.shape, a, b)))
+    with pytest.raises(ValueError, match="conv_impl"):
+        models.create("resnet20", conv_impl="fast")
+
+
+@pytest.mark.parametrize("name, image", [("resnet20", 16), ("resnet18", 64)])
+def test_train_step_is_the_same_with_either_conv(name, image):
+    """One SGD step of a whole network (CIFAR basic blocks with option A; ImageNet stem, max-pool, stride-2
+    and projection shortcuts): same loss, gradient norm and new parameters."""
+    tx = optim.sgd(optax.constant_schedule(0.1))
+    batch = {"image": jax.random.normal(jax.random.key(2), (8, image, image, 3)),
+             "label": jnp.arange(8, dtype=jnp.int32) % 10}
+    results = {}
+    for impl in ("xla", "auto"):
+        model = models.create(name, conv_impl=impl, num_classes=10)
+        state = init_train_state(model, tx, seed=0, image_shape=(image, image, 3))
+        step = jax.jit(lambda s, b, m=model: train_step(s, b, model=m, tx=tx, schedule=optax.constant_schedule(0.1)))
+        results[impl] = step(state, batch)
+    (s_xla, m_xla), (s_auto, m_auto) = results["xla"], results["auto"]
+    assert float(m_auto["loss"]) == pytest.approx(float(m_xla["loss"]), rel=1e-6)
+    assert float(m_auto["grad_norm"]) == pytest.approx(float(m_xla["grad_norm"]), rel=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(s_auto.params), jax.tree_util.tree_leaves(s_xla.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_weight_gradient_close_to_float32():
+    kx, kw, kd = jax.random.split(jax.random.key(3), 3)
+    x, w = jax.random.normal(kx, (4, 8, 8, 8)), jax.random.normal(kw, (3, 3, 8, 8))
+    dy = jax.random.normal(kd, (4, 8, 8, 8))
+    pad = SYMMETRIC(3)
+    fast = lambda x, w: conv.conv_general_dilated(x, w, (1, 1), pad,  # noqa: E731
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    _, (_, dw16) = loss_and_grads(fast, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), dy.astype(jnp.bfloat16))
+    _, (_, dw32) = loss_and_grads(fast, x, w, dy)
+    assert dw16.dtype == jnp.bfloat16
+    assert rel_err(dw16.astype(jnp.float32), dw32) < 0.02
