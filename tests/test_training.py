@@ -42,10 +42,10 @@ def train_on(devices, ghost_batch_size, data):
     return state
 
 
-@pytest.mark.parametrize("ghost_batch_size", [0, 2])
+@pytest.mark.parametrize("ghost_batch_size", [0, 4])
 def test_one_and_eight_devices_give_the_same_parameters(ghost_batch_size):
     assert len(jax.devices()) == 8, "conftest sets 8 virtual CPU devices"
-    data = batches(3)
+    data = batches(3, batch=32)
     one = train_on(jax.devices()[:1], ghost_batch_size, data)
     eight = train_on(jax.devices(), ghost_batch_size, data)
     np.testing.assert_allclose(flat_params(eight), flat_params(one), rtol=2e-5, atol=2e-6)
