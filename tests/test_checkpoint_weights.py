@@ -2,7 +2,6 @@
 Keras' logits after a round trip through a file; a torchvision state dict maps every key, numerically right."""
 
 import json
-import os
 import struct
 
 import jax
@@ -12,6 +11,7 @@ import pytest
 
 from resnet_jax import checkpoint, convert, export, models, restore, trainer
 from resnet_jax.sharding import make_mesh
+from tests.keras_models import import_keras, randomize
 from tests.test_checkpoint import synthetic_config
 
 
@@ -55,22 +55,9 @@ def test_safetensors_reader_reads_bfloat16_and_metadata(tmp_path):
 
 
 def randomized_keras_resnet50(size):
-    """keras.applications.ResNet50 on small images, with random BN statistics and conv biases (Keras
-    initialises both to trivial values, which would hide a wrong mapping)."""
-    # Machines without TensorFlow skip this; CI has it and must not skip.
-    keras = __import__("keras") if os.environ.get("CI") else pytest.importorskip("keras")
-    model = keras.applications.ResNet50(weights=None, input_shape=(size, size, 3), classifier_activation=None,
-                                        classes=7)
-    rng = np.random.default_rng(0)
-    for layer in model.layers:
-        weights = layer.get_weights()
-        if isinstance(layer, keras.layers.BatchNormalization):
-            c = weights[0].shape
-            layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c), rng.normal(0, 0.1, c),
-                               rng.uniform(0.5, 2.0, c)])
-        elif isinstance(layer, keras.layers.Conv2D):
-            layer.set_weights([weights[0], rng.normal(0, 0.1, weights[1].shape)])
-    return model
+    keras = import_keras()
+    return randomize(keras.applications.ResNet50(weights=None, input_shape=(size, size, 3),
+                                                 classifier_activation=None, classes=7))
 
 
 def test_keras_resnet50_weights_through_a_file_give_keras_logits(tmp_path):

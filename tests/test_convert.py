@@ -1,31 +1,17 @@
 """Agreement with an implementation nobody here wrote: Keras' ResNet-50/101/152 (paper's v1 networks)."""
 
-import os
-
 import jax
 import numpy as np
 import pytest
 
-# Machines without TensorFlow (the GPU hosts) skip this file; CI has it and must not skip.
-keras = __import__("keras") if os.environ.get("CI") else pytest.importorskip("keras")
+from resnet_jax import convert, models
+from tests.keras_models import import_keras, randomize
 
-from resnet_jax import convert, models  # noqa: E402
+keras = import_keras()
 
 
 def randomized_keras(name: str, seed: int = 0):
-    """A keras.applications ResNet with random weights, and random BN statistics and conv biases, so that the
-    bias folding and the epsilon conversion are exercised (Keras initialises both to trivial values)."""
-    model = getattr(keras.applications, name)(weights=None, classifier_activation=None)
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        weights = layer.get_weights()
-        if isinstance(layer, keras.layers.BatchNormalization):
-            c = weights[0].shape
-            layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c), rng.normal(0, 0.1, c),
-                               rng.uniform(0.5, 2.0, c)])
-        elif isinstance(layer, keras.layers.Conv2D):
-            layer.set_weights([weights[0], rng.normal(0, 0.1, weights[1].shape)])
-    return model
+    return randomize(getattr(keras.applications, name)(weights=None, classifier_activation=None), seed)
 
 
 @pytest.mark.parametrize("name, depth", [("ResNet50", 50), ("ResNet101", 101), ("ResNet152", 152)])
