@@ -65,7 +65,7 @@ def test_peer_script_missing_is_reported_not_fatal(tmp_path, capsys, monkeypatch
     def stop(*args, **kwargs):
         raise Measured
 
-    monkeypatch.setattr(benchmark, "peak_flops", lambda devices: 1e9)
+    monkeypatch.setattr(benchmark, "peak_flops", lambda devices, dtype="float32": 1e9)
     monkeypatch.setattr(benchmark, "measure", stop)
     with pytest.raises(Measured):
         benchmark.run(args)
