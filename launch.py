@@ -7,7 +7,6 @@
 Any config field can be overridden with --config.<field>=<value>. Run again with the same workdir to resume.
 """
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -30,22 +29,6 @@ flags.DEFINE_integer("process_id", None, "This process' index, with --coordinato
 flags.mark_flag_as_required("config")
 
 
-def spans_processes() -> bool:
-    """Whether this launch is one of several processes that JAX can discover by itself."""
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        return True
-    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-
-
-def initialize_distributed() -> None:
-    import jax
-
-    if FLAGS.coordinator_address:
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    elif FLAGS.distributed == "on" or (FLAGS.distributed == "auto" and spans_processes()):
-        jax.distributed.initialize()
-
-
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
@@ -58,7 +41,9 @@ def main(argv: list[str]) -> None:
             return
         if not FLAGS.workdir:
             raise ValueError("--workdir is required for --mode train and eval")
-        initialize_distributed()
+        from resnet_jax.distributed import initialize
+
+        initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         from resnet_jax import trainer
 
         run = trainer.Run(config, FLAGS.workdir)

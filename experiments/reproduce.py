@@ -5,8 +5,10 @@ the runs' own logs (never from numbers typed in).
     python -m experiments.reproduce cifar_table --budget 1.0 --seeds 5  # Table 6 (accelerator)
     python -m experiments.reproduce shortcuts --budget 0.01             # Table 3's A/B/C idea, on CIFAR
     python -m experiments.reproduce degradation --render-only           # redraw from finished runs
+    python -m experiments.reproduce imagenet --budget 1 --depths 18 34  # Tables 2 and 3 (a pod; see README)
 
-`--budget` is the fraction of the paper's schedule (64k iterations of 128); the learning-rate boundaries are
+`--budget` is the fraction of the paper's schedule (64k iterations of 128 on CIFAR-10, 600k of 256 on
+ImageNet); the learning-rate boundaries are
 fractions of the run, so a shortened run keeps the schedule's shape. Each experiment writes its runs to
 experiments/results/<experiment>/<run>/ (resumable: running again continues unfinished runs) and its figure
 (PNG) and table (Markdown and CSV) beside them. `--set KEY=VALUE` overrides any config field of every run
@@ -19,17 +21,28 @@ import dataclasses
 import json
 import pathlib
 import platform
+import re
 import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "experiments" / "configs" / "cifar10"
+CONFIGS = ROOT / "experiments" / "configs" / "cifar10"  # RunSpec.config is relative to it, or "imagenet/..."
+EXPERIMENTS = ("degradation", "cifar_table", "shortcuts", "imagenet")
 
 # Table 6 of the paper, CIFAR-10 test error (%); ResNet-110 is "best (mean +- std)" of 5 runs: 6.43 (6.61+-0.16).
 PAPER_TEST_ERROR = {"resnet20": 8.75, "resnet32": 7.51, "resnet44": 7.17, "resnet56": 6.97, "resnet110": 6.43,
                     "resnet1202": 7.93}
+
+
+# Tables 2 and 3 of the paper, ImageNet validation error (%) with 10-crop testing: (table, top-1, top-5).
+# Table 2's residual nets use option A; Table 3 compares A, B and C on ResNet-34 and uses B for 50/101/152.
+PAPER_IMAGENET = {"plain18": ("2", 27.94, None), "resnet18_A": ("2", 27.88, None),
+                  "plain34": ("2, 3", 28.54, 10.02), "resnet34_A": ("2, 3", 25.03, 7.76),
+                  "resnet34_B": ("3", 24.52, 7.46), "resnet34_C": ("3", 24.19, 7.40),
+                  "resnet50": ("3", 22.85, 6.71), "resnet101": ("3", 21.75, 6.05), "resnet152": ("3", 21.43, 5.71)}
+TEN_CROP = "eval_10crop"  # metrics.jsonl split of the final 10-crop evaluation of an ImageNet run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,21 +61,31 @@ def experiment_runs(name: str, depths: Sequence[int], seeds: int) -> list[RunSpe
     if name == "shortcuts":
         return [RunSpec(f"resnet{d}_{o}", f"resnet{d}.py", (("model.shortcut", o),)) for d in depths
                 for o in ("A", "B", "C")]
-    raise ValueError(f"unknown experiment {name!r}; allowed: degradation, cifar_table, shortcuts")
+    if name == "imagenet":
+        files = {"resnet18_A": "resnet18.py", "resnet34_A": "resnet34_a.py", "resnet34_B": "resnet34.py",
+                 "resnet34_C": "resnet34_c.py"}
+        return [RunSpec(label, "imagenet/" + files.get(label, f"{label}.py"),
+                        (("model.shortcut", "A"),) if label == "resnet18_A" else ())
+                for label in PAPER_IMAGENET if int(re.search(r"\d+", label).group()) in depths]
+    raise ValueError(f"unknown experiment {name!r}; allowed: {', '.join(EXPERIMENTS)}")
 
 
-DEFAULT_DEPTHS = {"degradation": (20, 56), "cifar_table": (20, 32, 44, 56, 110), "shortcuts": (20,)}
+DEFAULT_DEPTHS = {"degradation": (20, 56), "cifar_table": (20, 32, 44, 56, 110), "shortcuts": (20,),
+                  "imagenet": (18, 34, 50, 101, 152)}
 
 
 def run_config(spec: RunSpec, budget: float, extra: dict[str, Any]) -> Any:
     from resnet_jax import config as config_lib
 
-    path, overrides = CONFIGS / spec.config, dict(spec.overrides)
-    if not path.exists():  # a depth without its own file (e.g. resnet8 for a smoke test): the base recipe
+    path, overrides = (CONFIGS / spec.config).resolve(), dict(spec.overrides)
+    if spec.config.startswith("imagenet/"):
+        path = CONFIGS.parent / spec.config
+    elif not path.exists():  # a depth without its own file (e.g. resnet8 for a smoke test): the base recipe
         name = path.stem
         path = CONFIGS / "base.py"
         overrides = {"model.name": name, "model.shortcut": "plain" if name.startswith("plain") else "A", **overrides}
     c = config_lib.load(str(path), overrides)
+    # Fractions of the paper's schedule; `extra` applies after, so --set num_train_steps=... wins.
     steps = max(1, round(c.num_train_steps * budget))
     c.num_train_steps = steps
     c.seed = spec.seed
@@ -111,11 +134,68 @@ def train_runs(runs: list[RunSpec], out: pathlib.Path, budget: float, extra: dic
         print(f"== {spec.label}: {config.num_train_steps} steps of {config.batch_size} -> {workdir}", flush=True)
         start = time.perf_counter()
         trainer.train_and_evaluate(config, str(workdir), mesh=mesh)
+        if spec.config.startswith("imagenet/"):
+            ten_crop_evaluation(config, workdir, mesh)
+        if jax.process_index() != 0:
+            continue
         (workdir / "run.json").write_text(json.dumps({
             "config": spec.config, "overrides": dict(spec.overrides), "seed": spec.seed, "budget": budget,
             "num_train_steps": config.num_train_steps, "batch_size": config.batch_size,
             "extra": extra, "seconds": round(time.perf_counter() - start, 1),
             "hardware": hardware()}))
+
+
+def ten_crop_evaluation(config: Any, workdir: pathlib.Path, mesh: Any) -> dict[str, float]:
+    """Tables 2 and 3 report 10-crop testing; the run's own evaluations use the centre crop (ten times
+    cheaper). Evaluates the final checkpoint once with 10 crops, as split "eval_10crop" in metrics.jsonl."""
+    import jax
+
+    from resnet_jax import metrics, trainer
+
+    done = [e for e in metrics.read(workdir) if e["split"] == TEN_CROP and e["step"] == config.num_train_steps]
+    if done:
+        return done[-1]
+    config = config.copy_and_resolve_references()
+    config.data.eval_mode = "10crop"
+    run = trainer.Run(config, str(workdir), mesh)
+    state = run.initial_state()
+    split = config.eval_splits[0]
+    result = trainer.evaluate_split(state, run.eval_step, trainer.eval_batches(config, run.model, mesh, split))
+    writer = metrics.MetricWriter(workdir)
+    writer.write(int(jax.device_get(state.step)), TEN_CROP, result)
+    writer.close()
+    return result
+
+
+def render_imagenet(runs: list[RunSpec], out: pathlib.Path) -> str:
+    """Tables 2 and 3: 10-crop top-1/top-5 validation error beside the paper's; a run that has not finished
+    (or not been run) leaves its cells empty. Figure 4's curves for the finished plain/residual 18/34 runs."""
+    from resnet_jax import metrics
+
+    rows, finished = [], []
+    for spec in runs:
+        table, paper_top1, paper_top5 = PAPER_IMAGENET[spec.label]
+        events = metrics.read(out / spec.label)
+        final = [e for e in events if e["split"] == TEN_CROP]
+        centre = [e for e in events if e["split"] in ("eval", "test")]
+        info = json.loads((out / spec.label / "run.json").read_text()) if (out / spec.label / "run.json").exists() \
+            else {}
+        cell = lambda e, key: "" if not e else f"{100 * e[-1][key]:.2f}"  # noqa: E731
+        rows.append({"network": spec.label, "paper_table": table, "steps": final[-1]["step"] if final else "",
+                     "top1_error_10crop_%": cell(final, "top1_error"), "top5_error_10crop_%": cell(final, "top5_error"),
+                     "top1_error_centre_%": cell(centre, "top1_error"),
+                     "paper_top1_%": f"{paper_top1:.2f}",
+                     "paper_top5_%": "" if paper_top5 is None else f"{paper_top5:.2f}",
+                     "hardware": info.get("hardware", "")})
+        if final and spec.label.split("_")[0] in ("plain18", "plain34", "resnet18", "resnet34"):
+            finished.append(spec)
+    table = write_table(rows, out, "imagenet")
+    if finished:
+        from resnet_jax.plot import plot_runs
+
+        plot_runs([out / r.label for r in finished], out / "imagenet.png", [r.label for r in finished],
+                  title="ImageNet, Figure 4 (thin: train, bold: validation, centre crop)")
+    return table
 
 
 def summarize(workdir: pathlib.Path) -> dict[str, Any]:
@@ -153,6 +233,11 @@ def render_table(runs: list[RunSpec], out: pathlib.Path, name: str) -> str:
                      "paper_test_error_%": "" if paper is None else f"{paper:.2f}",
                      "minutes": "" if results[0]["seconds"] is None else f"{results[0]['seconds'] / 60:.1f}",
                      "hardware": results[0]["hardware"]})
+    return write_table(rows, out, name)
+
+
+def write_table(rows: list[dict[str, Any]], out: pathlib.Path, name: str) -> str:
+    """out/<name>.csv and out/<name>.md from rows of equal keys; returns the Markdown."""
     with (out / f"{name}.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -227,21 +312,43 @@ def _parse(value: str) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("experiment", choices=["degradation", "cifar_table", "shortcuts"])
-    parser.add_argument("--budget", type=float, default=1.0, help="fraction of the paper's 64k iterations")
-    parser.add_argument("--depths", type=int, nargs="*", help="networks' depths (6n+2)")
+    parser.add_argument("experiment", choices=EXPERIMENTS)
+    parser.add_argument("--budget", type=float, default=1.0,
+                        help="fraction of the paper's schedule (CIFAR: 64k iterations, ImageNet: 600k)")
+    parser.add_argument("--depths", type=int, nargs="*",
+                        help="networks' depths (CIFAR: 6n+2; imagenet: of 18 34 50 101 152)")
     parser.add_argument("--seeds", type=int, default=1, help="runs per network (cifar_table)")
     parser.add_argument("--out", default=None, help="default: experiments/results/<experiment>")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--render-only", action="store_true")
     parser.add_argument("--devices", type=int, default=None, help="use the first N devices (default: all)")
+    parser.add_argument("--only", nargs="*", default=None, metavar="RUN",
+                        help="train only these runs (e.g. to split an experiment over machines); render later "
+                             "with --render-only once every run has finished")
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out or ROOT / "experiments" / "results" / args.experiment)
     out.mkdir(parents=True, exist_ok=True)
     extra = {key: _parse(value) for key, value in (item.split("=", 1) for item in args.set)}
     runs = experiment_runs(args.experiment, args.depths or DEFAULT_DEPTHS[args.experiment], args.seeds)
+    if args.only is not None:
+        unknown = sorted(set(args.only) - {r.label for r in runs})
+        if unknown:
+            parser.error(f"--only: unknown runs {unknown}; allowed: {[r.label for r in runs]}")
     if not args.render_only:
-        train_runs(runs, out, args.budget, extra, args.devices)
+        from resnet_jax.distributed import initialize
+
+        initialize()  # every host of a pod slice or SLURM job runs this same command
+        train_runs([r for r in runs if args.only is None or r.label in args.only], out, args.budget, extra,
+                   args.devices)
+        if args.only is not None:
+            return
+    import jax
+
+    if jax.process_index() != 0:
+        return
+    if args.experiment == "imagenet":
+        print(render_imagenet(runs, out))
+        return
     from resnet_jax.plot import plot_runs
 
     plot_runs([out / r.label for r in runs], out / f"{args.experiment}.png", [r.label for r in runs],

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax.models import ResNet
+from resnet_jax.models.layout import unrolled
 
 
 def _is_3x3_bn(module: nn.Module, method_name: str) -> bool:
@@ -28,6 +29,7 @@ def _is_3x3_bn(module: nn.Module, method_name: str) -> bool:
 def layer_response_moments(model: ResNet, variables: Mapping[str, Any], images: jax.Array) -> dict[str, jax.Array]:
     """Per 3x3 layer, [count, sum, sum of squares] of its response on `images`: the output of the BN that
     follows the convolution, before the ReLU and the addition (Figure 7)."""
+    model, variables = unrolled(model, variables)  # one name per layer, whatever the layout
     _, state = model.apply(variables, images, train=False, capture_intermediates=_is_3x3_bn,
                            mutable=["intermediates"])
     moments = {}

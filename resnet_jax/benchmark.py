@@ -75,8 +75,9 @@ def peak_memory(devices: list[jax.Device]) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS (no device statistics)"
 
 
-def build_model(name: str, dtype: str, stride_on: str | None, conv_impl: str | None) -> models.ResNet:
-    options: dict[str, Any] = {"dtype": dtype}
+def build_model(name: str, dtype: str, stride_on: str | None, conv_impl: str | None,
+                scan_blocks: bool = False) -> models.ResNet:
+    options: dict[str, Any] = {"dtype": dtype, "scan_blocks": scan_blocks}
     if stride_on:
         options["stride_on"] = stride_on
     if conv_impl:
@@ -85,11 +86,12 @@ def build_model(name: str, dtype: str, stride_on: str | None, conv_impl: str | N
 
 
 def measure(name: str, batch: int, steps: int, *, warmup: int = 2, dtype: str = "float32", devices: int = 0,
-            stride_on: str | None = None, conv_impl: str | None = None) -> dict[str, Any]:
+            stride_on: str | None = None, conv_impl: str | None = None, scan_blocks: bool = False
+            ) -> dict[str, Any]:
     """Compile times, train and eval images/s, peak memory and FLOPs of one network on `devices` devices."""
     devs = jax.devices()[:devices] if devices else jax.devices()
     mesh = make_mesh(devs)
-    model = build_model(name, dtype, stride_on, conv_impl)
+    model = build_model(name, dtype, stride_on, conv_impl, scan_blocks)
     schedule = optim.learning_rate_schedule(name="constant", base_learning_rate=0.01, num_train_steps=1)
     tx = optim.sgd(schedule, momentum=0.9, weight_decay=1e-4)
 
@@ -113,7 +115,11 @@ def measure(name: str, batch: int, steps: int, *, warmup: int = 2, dtype: str = 
 
     # The model's work, counted on the straightforward formulation (XLA counts a loop's body once, so the
     # chunked CPU weight gradient would read low); off the CPU "auto" compiles to that formulation anyway.
-    if model.conv_impl == "xla" or devs[0].platform != "cpu":
+    if scan_blocks:
+        # XLA would count the scanned blocks once: count the forward's multiply-adds over every block as XLA
+        # does (taps on padding skipped), x2 FLOPs, x3 for the forward and the two gradients.
+        flops = 6 * batch * models.analytic_macs(model, skip_padding=True)
+    elif model.conv_impl == "xla" or devs[0].platform != "cpu":
         flops = _flops(train.cost_analysis())
     else:
         plain = build_model(name, dtype, stride_on, "xla")
@@ -180,7 +186,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rounds = []
     for _ in range(max(args.rounds, 1)):
         ours = measure(args.model, args.batch, args.steps, warmup=args.warmup, dtype=args.dtype,
-                       devices=args.devices, stride_on=args.stride_on, conv_impl=args.conv_impl)
+                       devices=args.devices, stride_on=args.stride_on, conv_impl=args.conv_impl,
+                       scan_blocks=args.scan_blocks)
         if use_peer:
             peer = run_peer(script, args.model, args.batch, args.steps, args.warmup, args.stride_on)
             ours["peer_train_img_per_s"], ours["peer_eval_img_per_s"] = peer["train_img_per_s"], peer["eval_img_per_s"]
@@ -236,6 +243,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--devices", type=int, default=0, help="number of devices (0: all)")
     p.add_argument("--stride-on", choices=["1x1", "3x3"], help="bottleneck stride placement (default: the model's)")
     p.add_argument("--conv-impl", choices=["xla", "auto"], help="default: the model's")
+    p.add_argument("--scan-blocks", action="store_true", help="scan each stage's repeated blocks (fast compile)")
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
                    help="run the PyTorch peer when torch is importable")
     p.add_argument("--peer-script", help=f"default: {DEFAULT_PEER}")

@@ -43,6 +43,7 @@ def plot_runs(workdirs: Sequence[str | pathlib.Path], out: str | pathlib.Path, l
         for split, (steps, errors) in curves.items():
             bold = split != "train"
             ax.plot(steps, [100 * e for e in errors], color=color, linewidth=2.0 if bold else 0.7,
+                    marker="o" if len(steps) == 1 else None,  # a single evaluation, e.g. a final 10-crop
                     label=f"{label} ({split})" if bold or len(curves) == 1 else None)
     ax.set_xlabel("iterations")
     ax.set_ylabel("error (%)")

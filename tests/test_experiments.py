@@ -40,6 +40,22 @@ def test_driver_renders_figure_and_tables_from_the_runs(finished):
     assert [line.split(",")[0] for line in csv[1:]] == ["resnet8_A", "resnet8_B", "resnet8_C"]
 
 
+def test_imagenet_driver_fills_only_the_cells_of_finished_runs(tmp_path):
+    # One run of Tables 2/3 on synthetic 224x224 images, then the table of all of Table 2's runs.
+    args = ["imagenet", "--budget", "0.00001", "--depths", "18", "--devices", "1", "--out", str(tmp_path),
+            "--set", "dataset=synthetic", "batch_size=4", "eval_batch_size=4", "eval_every_steps=3"]
+    reproduce.main([*args, "--only", "resnet18_A"])
+    reproduce.main([*args, "--render-only"])
+    rows = (tmp_path / "imagenet.csv").read_text().splitlines()
+    assert rows[0].startswith("network,paper_table,steps,top1_error_10crop_%,top5_error_10crop_%")
+    plain, residual = (row.split(",") for row in rows[1:])
+    assert plain[:2] == ["plain18", "2"] and plain[2:6] == ["", "", "", ""] and plain[6] == "27.94"
+    assert residual[:3] == ["resnet18_A", "2", "6"] and 0 <= float(residual[3]) <= 100 and residual[6] == "27.88"
+    info = json.loads((tmp_path / "resnet18_A" / "run.json").read_text())
+    assert info["overrides"] == {"model.shortcut": "A"} and info["num_train_steps"] == 6
+    assert (tmp_path / "imagenet.png").read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.mark.parametrize("notebook, experiment", [("degradation.ipynb", "degradation"),
                                                   ("shortcut_ablation.ipynb", "shortcuts")])
 def test_notebook_runs_headless(finished, notebook, experiment, monkeypatch):

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import models
-from resnet_jax.models import analytic_macs, count_params, create, forward_macs
+from resnet_jax import analysis, models
+from resnet_jax.models import analytic_macs, count_params, create, forward_macs, layout
 
 
 def n_params(name, **options):
@@ -184,9 +184,49 @@ def test_list_and_config_construction():
     (lambda: create("resnet20", widht=3), "unknown model option 'widht'"),
     (lambda: create("plain20", shortcut="B"), "plain20 has no shortcuts"),
     (lambda: create("resnet20", family="mnist"), "unknown family 'mnist'"),
+    (lambda: create("resnet20", scan_blocks="yes"), "unknown scan_blocks 'yes'; allowed: True, False"),
 ])
 def test_bad_input_one_clear_line(call, message):
     with pytest.raises(ValueError) as info:
         call()
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name, options", [("resnet14", {}), ("plain14", {}), ("resnet18", {"num_classes": 10}),
+                                           ("resnet50", {"num_classes": 10, "shortcut": "C"})])
+def test_scanned_blocks_compute_the_same_function(name, options):
+    model = create(name, **options)
+    x = small_batch(model) * 2 + 0.5
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    scanned, scanned_vars = layout.scanned(model, variables)
+    assert scanned.scan_blocks and "stage1_block2" not in scanned_vars["params"]
+    assert jax.tree.map(jnp.shape, scanned_vars) == jax.tree.map(jnp.shape, models.abstract_variables(
+        scanned, x.shape[1:]))
+    assert count_params(scanned_vars["params"]) == count_params(variables["params"])
+
+    def train_apply(m, v):
+        return jax.jit(lambda v: m.apply(v, x, train=True, mutable=["batch_stats"]))(v)
+
+    logits, updates = train_apply(model, variables)
+    scanned_logits, scanned_updates = train_apply(scanned, scanned_vars)
+    np.testing.assert_allclose(scanned_logits, logits, rtol=1e-5, atol=1e-5)
+    back, back_vars = layout.unrolled(scanned, {**scanned_vars, **scanned_updates})
+    assert not back.scan_blocks
+    for a, b in zip(jax.tree.leaves({**variables, **updates}), jax.tree.leaves(back_vars)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    assert jax.tree.structure(back_vars) == jax.tree.structure({**variables, **updates})
+    # Multiply-adds are counted over every block, not once per scanned stage.
+    assert analytic_macs(scanned) == analytic_macs(model)
+    # Figure 7's analysis names the layers as the unrolled net does.
+    moments = analysis.layer_response_moments(model, variables, x)
+    scanned_moments = analysis.layer_response_moments(scanned, scanned_vars, x)
+    assert list(scanned_moments) == list(moments)
+    np.testing.assert_allclose(np.stack(list(scanned_moments.values())), np.stack(list(moments.values())),
+                               rtol=1e-4)
+
+
+def test_resnet1202_scanned_is_the_published_size():
+    assert n_params("resnet1202", scan_blocks=True) == PUBLISHED["resnet1202"]
+    params = models.abstract_variables(create("resnet1202", scan_blocks=True))["params"]
+    assert params["stage3_repeated"]["block"]["conv1"]["kernel"].shape == (199, 3, 3, 64, 64)

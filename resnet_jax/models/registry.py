@@ -30,7 +30,7 @@ _DEFAULTS = {
     "cifar": dict(num_classes=10, shortcut="A"),
 }
 _OPTIONS = ("shortcut", "num_classes", "stride_on", "zero_init_last_bn", "bn_momentum", "bn_epsilon", "dtype",
-            "conv_impl")
+            "conv_impl", "scan_blocks")
 _NAME = re.compile(r"(resnet|plain)(\d+)")
 
 
@@ -58,6 +58,7 @@ def _validate(options: Mapping[str, Any]) -> None:
         "dtype": (lambda v: v in DTYPES, ", ".join(DTYPES)),
         "conv_impl": (lambda v: v in CONV_IMPLS, ", ".join(CONV_IMPLS)),
         "num_classes": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+        "scan_blocks": (lambda v: isinstance(v, bool), "True, False"),
         "bn_momentum": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
         "bn_epsilon": (lambda v: v > 0, "a positive number"),
     }
@@ -73,7 +74,7 @@ def create(name: str, *, family: str | None = None, **options: Any) -> ResNet:
 
     `name` is resnet<depth> or plain<depth>; `family` ("imagenet" or "cifar") is inferred from the depth
     unless given. `options` override the paper's defaults: shortcut, num_classes, stride_on,
-    zero_init_last_bn, bn_momentum, bn_epsilon, dtype, conv_impl.
+    zero_init_last_bn, bn_momentum, bn_epsilon, dtype, conv_impl, scan_blocks.
     """
     match = _NAME.fullmatch(str(name))
     if not match:

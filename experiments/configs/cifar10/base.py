@@ -5,14 +5,16 @@ subtraction. Each experiment file is a thin call of get_config."""
 import ml_collections
 
 
-def get_config(model: str = "resnet20", shortcut: str = "A", warmup_steps: int = 0) -> ml_collections.ConfigDict:
+def get_config(model: str = "resnet20", shortcut: str = "A", warmup_steps: int = 0,
+               scan_blocks: bool = False) -> ml_collections.ConfigDict:
     """warmup_steps > 0: section 4.2's recipe for ResNet-110, "0.1 is slightly too large to start converging":
     0.01 until the training error is below 80% (about 400 iterations; fixed here), then back to 0.1."""
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict(dict(
         name=model, shortcut=shortcut, num_classes=10, stride_on="1x1", zero_init_last_bn=False,
         bn_momentum=0.9, bn_epsilon=1e-5, dtype="float32",
-        conv_impl="auto"))  # "auto": weight gradients as matrix products on CPU (same math, faster)
+        conv_impl="auto",  # "auto": weight gradients as matrix products on CPU (same math, faster)
+        scan_blocks=scan_blocks))  # True: one nn.scan per stage; compiles deep nets in seconds (other param names)
 
     c.dataset = "cifar10"
     c.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: $TFDS_DATA_DIR, then TFDS' default

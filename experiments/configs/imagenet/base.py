@@ -14,7 +14,8 @@ def get_config(model: str = "resnet50", shortcut: str = "B") -> ml_collections.C
     c.model = ml_collections.ConfigDict(dict(
         name=model, shortcut=shortcut, num_classes=1000, stride_on="1x1", zero_init_last_bn=False,
         bn_momentum=0.9, bn_epsilon=1e-5, dtype="float32",
-        conv_impl="auto"))  # "auto": weight gradients as matrix products on CPU (same math, faster)
+        conv_impl="auto",  # "auto": weight gradients as matrix products on CPU (same math, faster)
+        scan_blocks=False))  # True: one nn.scan per stage; compiles deep nets in seconds (other param names)
 
     c.dataset = "imagenet2012"
     c.data_dir = ml_collections.FieldReference(None, field_type=str)
