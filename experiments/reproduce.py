@@ -279,7 +279,17 @@ def render_responses(runs: list[RunSpec], out: pathlib.Path) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stds = {spec.label: response_stds(out / spec.label) for spec in runs}
+    # Committed results keep their logs but not their weights: reuse the figures measured when they had them.
+    saved = json.loads((out / "responses.json").read_text()) if (out / "responses.json").exists() else {}
+    stds = {}
+    for spec in runs:
+        if (out / spec.label / "checkpoints").is_dir():
+            stds[spec.label] = response_stds(out / spec.label)
+        elif spec.label in saved:
+            stds[spec.label] = saved[spec.label]
+        else:
+            raise ValueError(f"{out / spec.label} has no checkpoints (and {out / 'responses.json'} no "
+                             f"{spec.label}): train it first")
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6), dpi=120)
     for label, values in stds.items():
         style = "--" if label.startswith("plain") else "-"

@@ -161,11 +161,32 @@ def _validate(**overrides):
     (dict(global_batch_size=50_008), "exceeds the 50000 examples"),
     (dict(options={**VAL, "normalization": "zca"}), "unknown normalization 'zca'"),
     (dict(options={**FULL, "crop": 3}), "unknown data option(s) crop"),
+    (dict(options={**FULL, "train_examples": -5}), "data.train_examples must be 0 (all) or a positive number"),
+    (dict(options={**FULL, "train_examples": 1000}, global_batch_size=1008), "exceeds the 1000 examples"),
 ])
 def test_bad_configuration_fails_in_one_line(overrides, message):
     with pytest.raises(ValueError) as e:
         _validate(**overrides)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_train_examples_keeps_the_first_n_training_images_and_their_statistics():
+    subset = {**FULL, "train_examples": 5_000}
+    assert data.num_examples("cifar10", "train", None, subset) == 5_000
+    assert data.num_examples("cifar10", "test", None, subset) == 10_000
+    # A subset of the 45k never reaches into the validation images.
+    assert data.num_examples("cifar10", "train", None, {**VAL, "train_examples": 50_000}) == 45_000
+    full, full_labels = cifar.load(None, "train", FULL)
+    images, labels = cifar.load(None, "train", subset)
+    np.testing.assert_array_equal(images, full[:5_000])
+    np.testing.assert_array_equal(labels, full_labels[:5_000])
+    mean, _ = cifar.statistics(None, subset)
+    np.testing.assert_allclose(mean, full[:5_000].mean(axis=0), rtol=1e-5)
+    # An epoch of the subset visits each of its images once.
+    batches = take(data.train_batches("cifar10", data_dir=None, split="train", global_batch_size=1_000, seed=0,
+                                      start_step=0, mesh=mesh_of(1), options={**subset, "augment": False}), 5)
+    seen = np.concatenate([b["image"] for b in batches]).reshape(5_000, -1)
+    assert len({row.tobytes() for row in seen}) == 5_000
 
 
 def test_validation_split_config_is_accepted():

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 
 import nbformat
 import pytest
@@ -38,6 +39,18 @@ def test_driver_renders_figure_and_tables_from_the_runs(finished):
     assert len(stds["plain8"]) == len(stds["resnet8"]) == 7  # stem + 3 blocks x 2 3x3 layers
     csv = (finished / "shortcuts" / "shortcuts.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in csv[1:]] == ["resnet8_A", "resnet8_B", "resnet8_C"]
+
+
+def test_render_only_without_weights_reuses_the_saved_responses(finished, tmp_path):
+    # What a clean clone holds of a committed experiment: logs and rendered files, no checkpoints.
+    out = tmp_path / "degradation"
+    shutil.copytree(finished / "degradation", out, ignore=shutil.ignore_patterns("checkpoints"))
+    before = json.loads((out / "responses.json").read_text())
+    reproduce.main(["degradation", *TINY, "--out", str(out), "--render-only"])
+    assert json.loads((out / "responses.json").read_text()) == before
+    (out / "responses.json").unlink()
+    with pytest.raises(ValueError, match="has no checkpoints"):
+        reproduce.main(["degradation", *TINY, "--out", str(out), "--render-only"])
 
 
 def test_imagenet_driver_fills_only_the_cells_of_finished_runs(tmp_path):

@@ -82,6 +82,9 @@ def validate(dataset: str, *, data_dir: str | None, train_split: str, eval_split
         if options["normalization"] not in cifar.NORMALIZATIONS:
             raise ValueError(f"unknown normalization {options['normalization']!r}; choose one of "
                              f"{', '.join(cifar.NORMALIZATIONS)}")
+        if not isinstance(options["train_examples"], int) or options["train_examples"] < 0:
+            raise ValueError(f"data.train_examples must be 0 (all) or a positive number of images; got "
+                             f"{options['train_examples']!r}")
     else:
         imagenet.check_options(options)
     sharding.local_batch_size(global_batch_size, mesh)

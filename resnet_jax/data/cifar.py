@@ -27,6 +27,7 @@ TRAIN_SIZE, TEST_SIZE, VALIDATION_SIZE = 50_000, 10_000, 5_000
 
 DEFAULT_OPTIONS: dict[str, Any] = {
     "validation_split": False,  # True: the paper's 45k train / 5k validation split (section 4.2)
+    "train_examples": 0,  # N > 0: train on the first N training images only (CPU-budget experiments)
     "normalization": "per_pixel_mean",  # or "per_channel" (mean/std per colour channel)
     "augment": True,  # 4-pixel zero pad, random 32x32 crop, random horizontal flip
     "pad": 4,
@@ -39,11 +40,13 @@ NORMALIZATIONS = ("per_pixel_mean", "per_channel")
 def splits(options: Mapping[str, Any]) -> dict[str, tuple[str, slice]]:
     """Our split name -> (TFDS split, rows of it in the original order). The validation images are the last
     5k of the training set, so "train" and "validation" are disjoint and together cover it."""
+    cut = TRAIN_SIZE - VALIDATION_SIZE if options["validation_split"] else TRAIN_SIZE
+    subset = int(options.get("train_examples") or 0)
+    result = {"train": ("train", slice(0, min(subset, cut) if subset > 0 else cut)),
+              "test": ("test", slice(0, TEST_SIZE))}
     if options["validation_split"]:
-        cut = TRAIN_SIZE - VALIDATION_SIZE
-        return {"train": ("train", slice(0, cut)), "validation": ("train", slice(cut, TRAIN_SIZE)),
-                "test": ("test", slice(0, TEST_SIZE))}
-    return {"train": ("train", slice(0, TRAIN_SIZE)), "test": ("test", slice(0, TEST_SIZE))}
+        result["validation"] = ("train", slice(cut, TRAIN_SIZE))
+    return result
 
 
 def num_examples(split: str, options: Mapping[str, Any]) -> int:
@@ -94,9 +97,9 @@ def load(data_dir: str | None, split: str, options: Mapping[str, Any]) -> tuple[
 
 
 @functools.lru_cache(maxsize=4)
-def _statistics(data_dir: str | None, normalization: str, validation_split: bool,
+def _statistics(data_dir: str | None, normalization: str, validation_split: bool, train_examples: int,
                 download: bool) -> tuple[np.ndarray, np.ndarray]:
-    options = {"validation_split": validation_split, "download": download}
+    options = {"validation_split": validation_split, "train_examples": train_examples, "download": download}
     images, _ = load(data_dir, "train", options)
     x = images.astype(np.float64)
     if normalization == "per_pixel_mean":
@@ -107,9 +110,9 @@ def _statistics(data_dir: str | None, normalization: str, validation_split: bool
 
 
 def statistics(data_dir: str | None, options: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, scale) for x -> (x - mean) * scale, from the training split in use (45k or 50k images)."""
+    """(mean, scale) for x -> (x - mean) * scale, from the training images in use (45k, 50k or a subset)."""
     return _statistics(data_dir, options["normalization"], bool(options["validation_split"]),
-                       bool(options["download"]))
+                       int(options.get("train_examples") or 0), bool(options["download"]))
 
 
 def normalize(images: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
