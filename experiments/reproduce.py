@@ -138,10 +138,13 @@ def train_runs(runs: list[RunSpec], out: pathlib.Path, budget: float, extra: dic
             ten_crop_evaluation(config, workdir, mesh)
         if jax.process_index() != 0:
             continue
-        (workdir / "run.json").write_text(json.dumps({
+        # A resumed (or already finished) run adds this launch's time to the earlier launches'.
+        info = workdir / "run.json"
+        earlier = json.loads(info.read_text()).get("seconds", 0.0) if info.exists() else 0.0
+        info.write_text(json.dumps({
             "config": spec.config, "overrides": dict(spec.overrides), "seed": spec.seed, "budget": budget,
             "num_train_steps": config.num_train_steps, "batch_size": config.batch_size,
-            "extra": extra, "seconds": round(time.perf_counter() - start, 1),
+            "extra": extra, "seconds": round(earlier + time.perf_counter() - start, 1),
             "hardware": hardware()}))
 
 

@@ -9,6 +9,7 @@ import pytest
 from nbclient import NotebookClient
 
 from experiments import reproduce
+from resnet_jax import metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--budget", "0.0001", "--depths", "8", "--devices", "1",
@@ -66,6 +67,10 @@ def test_imagenet_driver_fills_only_the_cells_of_finished_runs(tmp_path):
     assert residual[:3] == ["resnet18_A", "2", "6"] and 0 <= float(residual[3]) <= 100 and residual[6] == "27.88"
     info = json.loads((tmp_path / "resnet18_A" / "run.json").read_text())
     assert info["overrides"] == {"model.shortcut": "A"} and info["num_train_steps"] == 6
+    # Running a finished run again trains nothing and keeps its measured time.
+    reproduce.main([*args, "--only", "resnet18_A"])
+    assert json.loads((tmp_path / "resnet18_A" / "run.json").read_text())["seconds"] >= info["seconds"] > 0
+    assert sum(e["split"] == "eval_10crop" for e in metrics.read(tmp_path / "resnet18_A")) == 1
     assert (tmp_path / "imagenet.png").read_bytes()[:4] == b"\x89PNG"
 
 

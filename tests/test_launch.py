@@ -22,9 +22,9 @@ from resnet_jax.train_step import compile_train_step
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "experiments" / "configs").glob("*/*.py")
                  if p.name not in ("__init__.py", "base.py"))
-# Compiling a 110- or 1202-layer train step takes minutes on a 2-core CPU.
-DEEP = {"experiments/configs/cifar10/resnet110.py", "experiments/configs/cifar10/plain110.py",
-        "experiments/configs/cifar10/resnet1202.py"}
+# Compiling an unrolled 110-layer train step takes minutes on a 2-core CPU under load; ResNet-1202's config
+# scans its blocks (model.scan_blocks) and compiles in seconds, so it runs in the suite.
+DEEP = {"experiments/configs/cifar10/resnet110.py", "experiments/configs/cifar10/plain110.py"}
 
 
 def test_every_paper_experiment_has_a_config():
