@@ -77,10 +77,10 @@ DEFAULT_DEPTHS = {"degradation": (20, 56), "cifar_table": (20, 32, 44, 56, 110),
 def run_config(spec: RunSpec, budget: float, extra: dict[str, Any]) -> Any:
     from resnet_jax import config as config_lib
 
-    path, overrides = (CONFIGS / spec.config).resolve(), dict(spec.overrides)
-    if spec.config.startswith("imagenet/"):
-        path = CONFIGS.parent / spec.config
-    elif not path.exists():  # a depth without its own file (e.g. resnet8 for a smoke test): the base recipe
+    imagenet = spec.config.startswith("imagenet/")
+    path, overrides = (CONFIGS.parent if imagenet else CONFIGS) / spec.config, dict(spec.overrides)
+    # A CIFAR depth without its own file (e.g. resnet8 for a smoke test) gets the base recipe.
+    if not imagenet and not path.exists():
         name = path.stem
         path = CONFIGS / "base.py"
         overrides = {"model.name": name, "model.shortcut": "plain" if name.startswith("plain") else "A", **overrides}
@@ -162,6 +162,8 @@ def ten_crop_evaluation(config: Any, workdir: pathlib.Path, mesh: Any) -> dict[s
     config.data.eval_mode = "10crop"
     run = trainer.Run(config, str(workdir), mesh)
     state = run.initial_state()
+    if int(jax.device_get(state.step)) < config.num_train_steps:  # stopped early (preempted): not final
+        return {}
     split = config.eval_splits[0]
     result = trainer.evaluate_split(state, run.eval_step, trainer.eval_batches(config, run.model, mesh, split))
     writer = metrics.MetricWriter(workdir)
