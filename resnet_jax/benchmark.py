@@ -34,18 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax import models, optim, synthetic
+from resnet_jax.models.summary import xla_flops
 from resnet_jax.sharding import make_mesh, replicated
 from resnet_jax.train_state import init_train_state
 from resnet_jax.train_step import compile_eval_step, compile_train_step
 
 PEER_MODELS = ("resnet20", "resnet56", "resnet50")
 DEFAULT_PEER = pathlib.Path(__file__).resolve().parents[2] / "shared" / "bench" / "torch_resnet.py"
-
-
-def _flops(cost: Any) -> float:
-    if isinstance(cost, (list, tuple)):  # one dict per program on older JAX
-        cost = cost[0]
-    return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
 def median_seconds(fn: Callable[[], Any], steps: int, warmup: int) -> float:
@@ -120,10 +115,10 @@ def measure(name: str, batch: int, steps: int, *, warmup: int = 2, dtype: str = 
         # does (taps on padding skipped), x2 FLOPs, x3 for the forward and the two gradients.
         flops = 6 * batch * models.analytic_macs(model, skip_padding=True)
     elif model.conv_impl == "xla" or devs[0].platform != "cpu":
-        flops = _flops(train.cost_analysis())
+        flops = xla_flops(train.cost_analysis())
     else:
         plain = build_model(name, dtype, stride_on, "xla")
-        flops = _flops(compile_train_step(mesh, model=plain, tx=tx, schedule=schedule).lower(state, data)
+        flops = xla_flops(compile_train_step(mesh, model=plain, tx=tx, schedule=schedule).lower(state, data)
                        .compile().cost_analysis())
 
     box = [state]

@@ -31,11 +31,12 @@ def params_by_module(params: Any) -> dict[str, int]:
     return dict(counts)
 
 
-def _flops(cost: Any) -> float:
-    # The cost analysis is a dict on current JAX and a one-element list of dicts on older releases.
+def xla_flops(cost: Any) -> float:
+    """FLOPs from a compiled program's `cost_analysis()`: a dict on current JAX, a one-element list of dicts on
+    older releases, None or empty on backends without one (0)."""
     if isinstance(cost, (list, tuple)):
-        cost = cost[0]
-    return float(cost["flops"])
+        cost = cost[0] if cost else None
+    return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
 def forward_macs(model: ResNet, image_shape: tuple[int, int, int] | None = None) -> float:
@@ -49,7 +50,7 @@ def forward_macs(model: ResNet, image_shape: tuple[int, int, int] | None = None)
     variables = abstract_variables(model, image_shape)
     x = jax.ShapeDtypeStruct((1, *(image_shape or input_shape(model))), jnp.float32)
     compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
-    return _flops(compiled.cost_analysis()) / 2
+    return xla_flops(compiled.cost_analysis()) / 2
 
 
 def _subjaxprs(params: dict) -> list:
