@@ -142,7 +142,7 @@ def train_runs(runs: list[RunSpec], out: pathlib.Path, budget: float, extra: dic
         info = workdir / "run.json"
         earlier = json.loads(info.read_text()).get("seconds", 0.0) if info.exists() else 0.0
         info.write_text(json.dumps({
-            "config": spec.config, "overrides": dict(spec.overrides), "seed": spec.seed, "budget": budget,
+            "config": spec.config, "overrides": dict(spec.overrides), "seed": config.seed, "budget": budget,
             "num_train_steps": config.num_train_steps, "batch_size": config.batch_size,
             "extra": extra, "seconds": round(earlier + time.perf_counter() - start, 1),
             "hardware": hardware()}))
@@ -364,10 +364,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.experiment == "imagenet":
         print(render_imagenet(runs, out))
         return
-    from resnet_jax.plot import plot_runs
+    from resnet_jax.plot import plot_panels
 
-    plot_runs([out / r.label for r in runs], out / f"{args.experiment}.png", [r.label for r in runs],
-              title=f"CIFAR-10, {args.experiment}, budget {args.budget:g} (thin: train, bold: test)")
+    title = f"CIFAR-10, {args.experiment}, budget {args.budget:g} (thin: train, bold: test)"
+    # Figure 6's layout for the degradation experiment: plain nets on the left, ResNets on the right.
+    panels = {"plain": [r for r in runs if r.label.startswith("plain")],
+              "residual": [r for r in runs if not r.label.startswith("plain")]}
+    panels = {name: [out / r.label for r in group] for name, group in panels.items() if group}
+    plot_panels(panels, out / f"{args.experiment}.png", title=title)
     print(render_table(runs, out, args.experiment))
     if args.experiment == "degradation":
         print(render_responses(runs, out))

@@ -27,7 +27,9 @@ def finished(tmp_path_factory):
 
 def test_driver_renders_figure_and_tables_from_the_runs(finished):
     out = finished / "degradation"
-    assert (out / "degradation.png").read_bytes()[:4] == b"\x89PNG"
+    png = (out / "degradation.png").read_bytes()
+    assert png[:4] == b"\x89PNG"
+    assert int.from_bytes(png[16:20], "big") == 2 * 6 * 120  # width: two 6-inch panels (plain, residual)
     assert (out / "responses.png").read_bytes()[:4] == b"\x89PNG"
     table = (out / "degradation.md").read_text()
     for run in ("plain8", "resnet8"):
@@ -86,3 +88,17 @@ def test_notebook_runs_headless(finished, notebook, experiment, monkeypatch):
     outputs = "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)
     assert "runs in" in outputs
     assert not any(o.get("output_type") == "error" for cell in nb.cells for o in cell.get("outputs", []))
+
+
+@pytest.mark.parametrize("experiment", ["degradation", "degradation_seed1"])
+def test_committed_degradation_runs_show_the_papers_claim(experiment):
+    # The README's result, read from the committed logs of two seeds: a deeper plain net trains to a higher
+    # training error, a deeper residual net to a lower one (depths 8 and 20, budget 0.01, this project's CPU).
+    out = ROOT / "experiments" / "results" / experiment
+    train = {run: reproduce.summarize(out / run)["train_error"] for run in ("plain8", "plain20", "resnet8", "resnet20")}
+    assert train["plain20"] > train["plain8"]
+    assert train["resnet20"] < train["resnet8"]
+    assert train["resnet20"] < train["plain20"]
+    stds = json.loads((out / "responses.json").read_text())
+    for depth in (8, 20):  # Figure 7: the residual nets' layer responses are the smaller ones
+        assert sum(stds[f"resnet{depth}"]) < sum(stds[f"plain{depth}"])
