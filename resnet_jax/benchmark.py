@@ -37,7 +37,7 @@ from resnet_jax import models, optim, synthetic
 from resnet_jax.models.summary import xla_flops
 from resnet_jax.sharding import make_mesh, replicated
 from resnet_jax.train_state import init_train_state
-from resnet_jax.train_step import compile_eval_step, compile_train_step
+from resnet_jax.train_step import compile_eval_step, compile_train_step, compiler_options
 
 PEER_MODELS = ("resnet20", "resnet56", "resnet50")
 DEFAULT_PEER = pathlib.Path(__file__).resolve().parents[2] / "shared" / "bench" / "torch_resnet.py"
@@ -133,6 +133,7 @@ def measure(name: str, batch: int, steps: int, *, warmup: int = 2, dtype: str = 
     return {
         "model": name, "batch": batch, "dtype": dtype, "devices": len(devs), "platform": devs[0].platform,
         "device_kind": devs[0].device_kind, "conv_impl": model.conv_impl, "stride_on": model.stride_on,
+        "compiler_options": compiler_options(mesh, model) or {},
         "train_img_per_s": batch / train_s, "eval_img_per_s": batch / eval_s,
         "compile_s": compile_s, "lower_s": lower_s, "eval_compile_s": eval_compile_s, "init_s": init_s,
         "peak_memory_bytes": memory, "memory_source": memory_source, "flops_per_step": flops,
@@ -211,6 +212,7 @@ def table(r: dict[str, Any]) -> str:
     """The console summary."""
     rows = [("network", f"{r['model']} ({r['conv_impl']} conv), batch {r['batch']}, {r['dtype']}, "
                         f"{r['devices']} {r['platform']} device(s): {r['device_kind']}"),
+            ("XLA options", ", ".join(f"{k}={v}" for k, v in r["compiler_options"].items()) or "defaults"),
             ("train", f"{r['train_img_per_s']:,.1f} img/s"), ("eval", f"{r['eval_img_per_s']:,.1f} img/s")]
     if "ratio" in r:
         rows += [("PyTorch train", f"{r['peer_train_img_per_s']:,.1f} img/s  -> ratio ours/PyTorch {r['ratio']:.2f}"),

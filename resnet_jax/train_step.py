@@ -10,7 +10,7 @@ import optax
 from jax.sharding import Mesh
 
 from resnet_jax.data.eval import average_view_scores, image_keys
-from resnet_jax.models import ResNet
+from resnet_jax.models import ResNet, conv
 from resnet_jax.sharding import batch_sharding, replicated
 from resnet_jax.train_state import TrainState
 
@@ -94,12 +94,21 @@ def eval_step(state: TrainState, batch: Batch, *, model: ResNet) -> Metrics:
     }
 
 
-def compile_train_step(mesh: Mesh, **static: Any) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+def compiler_options(mesh: Mesh, model: ResNet) -> dict[str, str] | None:
+    """The XLA options `model`'s steps compile with on `mesh`'s platform (resnet_jax/models/conv.py)."""
+    widest = max(model.stage_widths) * (4 if model.bottleneck else 1)
+    return conv.compiler_options(model.conv_impl, widest, mesh.devices.flat[0].platform)
+
+
+def compile_train_step(mesh: Mesh, *, model: ResNet, **static: Any
+                       ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """`train_step` jitted over `mesh`: batch split along the data axis, state replicated and donated."""
-    return jax.jit(functools.partial(train_step, **static), in_shardings=(replicated(mesh), batch_sharding(mesh)),
-                   out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
+    return jax.jit(functools.partial(train_step, model=model, **static),
+                   in_shardings=(replicated(mesh), batch_sharding(mesh)),
+                   out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0,
+                   compiler_options=compiler_options(mesh, model))
 
 
 def compile_eval_step(mesh: Mesh, model: ResNet) -> Callable[[TrainState, Batch], Metrics]:
     return jax.jit(functools.partial(eval_step, model=model), in_shardings=(replicated(mesh), batch_sharding(mesh)),
-                   out_shardings=replicated(mesh))
+                   out_shardings=replicated(mesh), compiler_options=compiler_options(mesh, model))

@@ -10,8 +10,9 @@ from jax import lax
 
 from resnet_jax import models, optim
 from resnet_jax.models import conv
+from resnet_jax.sharding import make_mesh
 from resnet_jax.train_state import init_train_state
-from resnet_jax.train_step import train_step
+from resnet_jax.train_step import compile_train_step, compiler_options
 
 SYMMETRIC = models.blocks.symmetric_padding
 
@@ -103,15 +104,17 @@ def test_conv_impl_keeps_parameters_and_is_validated():
 @pytest.mark.parametrize("name, image", [("resnet20", 16), ("resnet18", 64)])
 def test_train_step_is_the_same_with_either_conv(name, image):
     """One SGD step of a whole network (CIFAR basic blocks with option A; ImageNet stem, max-pool, stride-2
-    and projection shortcuts): same loss, gradient norm and new parameters."""
+    and projection shortcuts), compiled as training compiles it (with the CPU compiler options "auto" brings,
+    resnet_jax.train_step.compiler_options): same loss, gradient norm and new parameters."""
     tx = optim.sgd(optax.constant_schedule(0.1))
+    mesh = make_mesh(jax.devices()[:1])
     batch = {"image": jax.random.normal(jax.random.key(2), (8, image, image, 3)),
              "label": jnp.arange(8, dtype=jnp.int32) % 10}
     results = {}
     for impl in ("xla", "auto"):
         model = models.create(name, conv_impl=impl, num_classes=10)
         state = init_train_state(model, tx, seed=0, image_shape=(image, image, 3))
-        step = jax.jit(lambda s, b, m=model: train_step(s, b, model=m, tx=tx, schedule=optax.constant_schedule(0.1)))
+        step = compile_train_step(mesh, model=model, tx=tx, schedule=optax.constant_schedule(0.1))
         results[impl] = step(state, batch)
     (s_xla, m_xla), (s_auto, m_auto) = results["xla"], results["auto"]
     assert float(m_auto["loss"]) == pytest.approx(float(m_xla["loss"]), rel=1e-6)
@@ -131,3 +134,34 @@ def test_bfloat16_weight_gradient_close_to_float32():
     _, (_, dw32) = loss_and_grads(fast, x, w, dy)
     assert dw16.dtype == jnp.bfloat16
     assert rel_err(dw16.astype(jnp.float32), dw32) < 0.02
+
+
+def test_cpu_compiler_options_only_for_narrow_auto_networks(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    cpu = make_mesh(jax.devices("cpu")[:1])
+    assert compiler_options(cpu, models.create("resnet20")) == conv.NARROW_CPU_OPTIONS
+    assert compiler_options(cpu, models.create("plain56")) == conv.NARROW_CPU_OPTIONS
+    assert compiler_options(cpu, models.create("resnet20", conv_impl="xla")) is None  # the straightforward one
+    assert compiler_options(cpu, models.create("resnet50")) is None  # 2048 channels: YNNPACK is faster there
+    assert compiler_options(cpu, models.create("resnet18")) is None
+    assert conv.compiler_options("auto", 64, "gpu") is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=-dot")
+    assert compiler_options(cpu, models.create("resnet20")) is None  # the user's own list wins
+
+
+def test_cpu_compiler_options_reach_the_compiler(monkeypatch):
+    """This jaxlib knows the options (a rename upstream would silently lose the speed-up), and the train and
+    eval steps hand theirs to XLA: a bad value there fails their compilation."""
+    assert conv._accepted(tuple(conv.NARROW_CPU_OPTIONS.items()))
+    assert not conv._accepted(((conv._YNN_FUSIONS, "NOT_A_FUSION_TYPE"),))
+    from resnet_jax import train_step as ts
+    monkeypatch.setattr(ts, "compiler_options", lambda mesh, model: {conv._YNN_FUSIONS: "NOT_A_FUSION_TYPE"})
+    model = models.create("resnet20", num_classes=10)
+    tx = optim.sgd(optax.constant_schedule(0.1))
+    state = init_train_state(model, tx, seed=0, image_shape=(8, 8, 3))
+    batch = {"image": jnp.zeros((2, 8, 8, 3)), "label": jnp.zeros((2,), jnp.int32)}
+    mesh = make_mesh(jax.devices()[:1])
+    for step in (ts.compile_train_step(mesh, model=model, tx=tx, schedule=optax.constant_schedule(0.1)),
+                 ts.compile_eval_step(mesh, model)):
+        with pytest.raises(Exception, match="NOT_A_FUSION_TYPE"):
+            step.lower(state, batch).compile()

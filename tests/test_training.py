@@ -48,7 +48,10 @@ def test_one_and_eight_devices_give_the_same_parameters(ghost_batch_size):
     data = batches(3, batch=32)
     one = train_on(jax.devices()[:1], ghost_batch_size, data)
     eight = train_on(jax.devices(), ghost_batch_size, data)
-    np.testing.assert_allclose(flat_params(eight), flat_params(one), rtol=2e-5, atol=2e-6)
+    # atol 1e-5: on CPU the CIFAR nets' convolutions run in Eigen's kernels (resnet_jax/models/conv.py), whose
+    # summation order depends on the batch each device holds; three steps at lr 0.1 grow that float32 rounding
+    # to 6e-6 here. BN statistics per device instead of global (ghost batches of 4) differ by 5e-3.
+    np.testing.assert_allclose(flat_params(eight), flat_params(one), rtol=2e-5, atol=1e-5)
     stats = lambda s: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(jax.device_get(s.batch_stats))])  # noqa: E731
     np.testing.assert_allclose(stats(eight), stats(one), rtol=2e-5, atol=2e-6)
     assert int(eight.step) == 3

@@ -13,6 +13,7 @@ Plugged into `flax.linen.Conv(conv_general_dilated=...)`, so parameters keep the
 """
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -62,13 +63,17 @@ def weight_grad_chunk(batch: int, w_shape: Sequence[int], out_hw: Sequence[int],
     return chunk
 
 
-def _patch_weight_grad(x: jax.Array, dy: jax.Array, w_shape: Sequence[int], strides: tuple[int, int],
-                       pads: Pads) -> jax.Array:
+def _patch_weight_grad_t(x: jax.Array, dy: jax.Array, w_shape: Sequence[int], strides: tuple[int, int],
+                         pads: Pads) -> jax.Array:
+    """[C_out, kh*kw*C_in] = dy^T @ patches(x), contracting the pixels, in float32."""
+    # In float32 whatever the compute dtype: XLA:CPU has no bfloat16 x bfloat16 -> float32 kernel for this
+    # product, and the sum over every pixel of the batch is where bfloat16 would lose most.
+    x, dy = x.astype(jnp.float32), dy.astype(jnp.float32)
     p = patches(x, tuple(w_shape[:2]), strides, pads, dy.shape[1:3])
-    # Contracting the leading (pixel) axes of both lets XLA pick the operand layout; transposing the patches
-    # ourselves (channel-major) measured no faster, and XLA:CPU's transposes of whole activations are slow.
-    g = lax.dot_general(p, dy, (((0, 1, 2), (0, 1, 2)), ((), ())), preferred_element_type=jnp.float32)
-    return g.reshape(w_shape)
+    # dy^T @ patches rather than patches^T @ dy: the matrix-product kernel then reads the patches in the
+    # layout they are written in and transposes only dy (9x smaller for a 3x3 kernel); patches^T @ dy made
+    # XLA:CPU copy every chunk's patches once more (15-25% slower a layer, 5% a ResNet-20 step; README "Speed").
+    return lax.dot_general(dy, p, (((0, 1, 2), (0, 1, 2)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def patch_weight_grad(x: jax.Array, dy: jax.Array, w_shape: Sequence[int], strides: tuple[int, int],
@@ -78,17 +83,19 @@ def patch_weight_grad(x: jax.Array, dy: jax.Array, w_shape: Sequence[int], strid
     `lax.scan` rather than one batched product: a chunk's patches are written and read while in cache.
     """
     n = x.shape[0]
-    chunk = chunk or weight_grad_chunk(n, w_shape, dy.shape[1:3], x.dtype.itemsize)
+    chunk = chunk or weight_grad_chunk(n, w_shape, dy.shape[1:3])
     if chunk >= n:
-        return _patch_weight_grad(x, dy, w_shape, strides, pads)
-    xs = x.reshape(n // chunk, chunk, *x.shape[1:])
-    dys = dy.reshape(n // chunk, chunk, *dy.shape[1:])
+        total = _patch_weight_grad_t(x, dy, w_shape, strides, pads)
+    else:
+        xs = x.reshape(n // chunk, chunk, *x.shape[1:])
+        dys = dy.reshape(n // chunk, chunk, *dy.shape[1:])
 
-    def add_chunk(total, x_dy):
-        return total + _patch_weight_grad(*x_dy, w_shape, strides, pads), None
+        def add_chunk(total, x_dy):
+            return total + _patch_weight_grad_t(*x_dy, w_shape, strides, pads), None
 
-    total, _ = lax.scan(add_chunk, jnp.zeros(w_shape, jnp.float32), (xs, dys))
-    return total
+        zeros = jnp.zeros((w_shape[3], w_shape[0] * w_shape[1] * w_shape[2]), jnp.float32)
+        total, _ = lax.scan(add_chunk, zeros, (xs, dys))
+    return total.T.reshape(w_shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -142,3 +149,37 @@ def conv_function(impl: str) -> Callable[..., jax.Array]:
     if impl not in CONV_IMPLS:
         raise ValueError(f"unknown conv_impl {impl!r}; allowed: {', '.join(CONV_IMPLS)}")
     return lax.conv_general_dilated if impl == "xla" else conv_general_dilated
+
+
+# XLA:CPU (jax 0.10) runs YNNPACK's convolutions, its default for the forward and input-gradient convolutions,
+# on one thread. For narrow convolutions (the CIFAR nets: 16-64 channels) Eigen's multi-threaded kernels are
+# faster (ResNet-20 at batch 128: training +12%, evaluation +20%); for ResNet-50's wide ones YNNPACK is (Eigen
+# 25% slower). Only the fusion list changes, so the program computes the same function (README "Speed").
+NARROW_CONV_CHANNELS = 64
+_YNN_FUSIONS = "xla_cpu_experimental_ynn_fusion_type"
+# XLA's default YNN fusion list less INDIVIDUAL_CONVOLUTION (XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=
+# -individual_convolution compiles the same program). Keeping REDUCE matters: XLA's own reductions sum BN's
+# statistics in another order, and the parameters then drift from the defaults' by 1e-4 within three steps.
+NARROW_CPU_OPTIONS = {_YNN_FUSIONS: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.cache
+def _accepted(options: tuple[tuple[str, str], ...]) -> bool:
+    """Whether this jaxlib's CPU compiler knows the options (their names change between XLA versions)."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(jnp.zeros((), jnp.float32)).compile()
+    except Exception:  # noqa: BLE001 - XLA reports unknown options as assorted runtime errors
+        return False
+    return True
+
+
+def compiler_options(conv_impl: str, max_channels: int, platform: str) -> dict[str, str] | None:
+    """XLA options for compiling a network's steps: `NARROW_CPU_OPTIONS` for `conv_impl="auto"` on a CPU when
+    no convolution has more than `NARROW_CONV_CHANNELS` output channels, else None (XLA's defaults).
+
+    A YNN fusion list the user gives in XLA_FLAGS wins.
+    """
+    if (conv_impl != "auto" or platform != "cpu" or max_channels > NARROW_CONV_CHANNELS
+            or _YNN_FUSIONS in os.environ.get("XLA_FLAGS", "")):
+        return None
+    return dict(NARROW_CPU_OPTIONS) if _accepted(tuple(NARROW_CPU_OPTIONS.items())) else None
