@@ -6,6 +6,7 @@ import textwrap
 import pytest
 
 from resnet_jax import benchmark
+from resnet_jax.models import conv
 
 FAKE_PEER = textwrap.dedent("""
     import argparse, json
@@ -35,6 +36,7 @@ def test_json_has_every_figure(result):
                 "flops_per_step", "peak_flop_per_s", "peer_train_img_per_s", "ratio", "command"):
         assert key in r, key
     assert r["model"] == "resnet20" and r["batch"] == 8 and r["devices"] == 1 and r["dtype"] == "float32"
+    assert r["compiler_options"] == conv.NARROW_CPU_OPTIONS  # what the measured step was compiled with
 
 
 def test_figures_are_plausible(result):
@@ -51,7 +53,7 @@ def test_figures_are_plausible(result):
 def test_console_table(result, capsys):
     printed, _ = result
     text = benchmark.table(printed)
-    for word in ("train", "eval", "ratio ours/PyTorch", "utilization", "compile", "peak memory"):
+    for word in ("XLA options", "train", "eval", "ratio ours/PyTorch", "utilization", "compile", "peak memory"):
         assert word in text
 
 
