@@ -1,6 +1,7 @@
-"""conv_impl="auto" computes the same function and the same gradients as XLA's convolution (issue 6: every
-speed change keeps the math)."""
+"""conv_impl="auto" computes the same function and the same gradients as XLA's convolution and max pooling
+(issue 6: every speed change keeps the math)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from jax import lax
 
 from resnet_jax import models, optim
-from resnet_jax.models import conv
+from resnet_jax.models import conv, pool
 from resnet_jax.sharding import make_mesh
 from resnet_jax.train_state import init_train_state
 from resnet_jax.train_step import compile_train_step, compiler_options
@@ -62,12 +63,13 @@ def test_auto_conv_matches_xla_forward_and_gradients(name):
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 4])
-def test_weight_gradient_is_the_same_in_any_chunking(chunk):
+@pytest.mark.parametrize("w_shape", [(3, 3, 8, 16), (1, 1, 8, 32)])  # dy^T @ patches and patches^T @ dy
+def test_weight_gradient_is_the_same_in_any_chunking(chunk, w_shape):
     kx, kd = jax.random.split(jax.random.key(1))
     x = jax.random.normal(kx, (4, 10, 10, 8))
-    pads = ((1, 1), (1, 1))
-    dy = jax.random.normal(kd, (4, 5, 5, 16))
-    w_shape = (3, 3, 8, 16)
+    k = w_shape[0]
+    pads = ((k // 2, k // 2),) * 2
+    dy = jax.random.normal(kd, (4, 5, 5, w_shape[3]))
     ref = jax.linear_transpose(lambda w: xla_conv(x, w, (2, 2), pads), jnp.zeros(w_shape))(dy)[0]
     got = jax.jit(lambda x, dy: conv.patch_weight_grad(x, dy, w_shape, (2, 2), pads, chunk=chunk))(x, dy)
     assert rel_err(got, ref) < 1e-5
@@ -165,3 +167,24 @@ def test_cpu_compiler_options_reach_the_compiler(monkeypatch):
                  ts.compile_eval_step(mesh, model)):
         with pytest.raises(Exception, match="NOT_A_FUSION_TYPE"):
             step.lower(state, batch).compile()
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 16, 8), (2, 15, 13, 3)])  # even and odd maps
+def test_max_pool_gradient_picks_xla_s_element(shape):
+    """The same forward; the gradient at the same positions (the first maximum of each window, ties included:
+    post-ReLU zeros and repeated values), equal within float32 rounding where windows overlap."""
+    x = jnp.maximum(jax.random.normal(jax.random.key(4), shape), 0.0)
+    x = x.at[:, ::3, ::2].set(1.0)
+    pads = SYMMETRIC(3)
+    ref_fn = lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=pads)  # noqa: E731
+    ours_fn = lambda x: pool.max_pool(x, (3, 3), (2, 2), pads)  # noqa: E731
+    y_ref, vjp_ref = jax.vjp(ref_fn, x)
+    y, vjp = jax.vjp(ours_fn, x)
+    assert jnp.array_equal(y, y_ref)
+    dy = jax.random.normal(jax.random.key(5), y.shape)
+    dx_ref, dx = jax.jit(vjp_ref)(dy)[0], jax.jit(vjp)(dy)[0]
+    assert jnp.array_equal(dx != 0, dx_ref != 0)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-6, atol=1e-6)
+    zeros = jnp.zeros((1, 8, 8, 2))  # every window tied: the first (top-left) element takes it all
+    ones = jnp.ones((1, 4, 4, 2))
+    assert jnp.array_equal(jax.vjp(ours_fn, zeros)[1](ones)[0], jax.vjp(ref_fn, zeros)[1](ones)[0])

@@ -63,17 +63,24 @@ def weight_grad_chunk(batch: int, w_shape: Sequence[int], out_hw: Sequence[int],
     return chunk
 
 
-def _patch_weight_grad_t(x: jax.Array, dy: jax.Array, w_shape: Sequence[int], strides: tuple[int, int],
-                         pads: Pads) -> jax.Array:
-    """[C_out, kh*kw*C_in] = dy^T @ patches(x), contracting the pixels, in float32."""
-    # In float32 whatever the compute dtype: XLA:CPU has no bfloat16 x bfloat16 -> float32 kernel for this
-    # product, and the sum over every pixel of the batch is where bfloat16 would lose most.
+def _dy_first(w_shape: Sequence[int]) -> bool:
+    """Whether to compute dy^T @ patches (else patches^T @ dy): the product's kernel reads its second operand
+    as written and XLA:CPU transposes the first, so the smaller per pixel goes first (dy for a 3x3 kernel,
+    9 C_in against C_out; the input for a 1x1 kernel that widens, C_in against 4 C_in). Transposing the
+    larger instead copies every chunk's patches once more: 15-25% slower a 3x3 layer (README "Speed")."""
+    kh, kw, c_in, c_out = w_shape
+    return kh * kw * c_in >= c_out
+
+
+def _patch_weight_grad(x: jax.Array, dy: jax.Array, w_shape: Sequence[int], strides: tuple[int, int],
+                       pads: Pads) -> jax.Array:
+    """One chunk's patches(x)^T @ dy, contracting the pixels, in float32 ([C_out, K] if `_dy_first`)."""
+    # In float32 whatever the compute dtype: XLA:CPU has no bfloat16 x bfloat16 -> float32 kernel for every
+    # operand order, and the sum over every pixel of the batch is where bfloat16 would lose most.
     x, dy = x.astype(jnp.float32), dy.astype(jnp.float32)
     p = patches(x, tuple(w_shape[:2]), strides, pads, dy.shape[1:3])
-    # dy^T @ patches rather than patches^T @ dy: the matrix-product kernel then reads the patches in the
-    # layout they are written in and transposes only dy (9x smaller for a 3x3 kernel); patches^T @ dy made
-    # XLA:CPU copy every chunk's patches once more (15-25% slower a layer, 5% a ResNet-20 step; README "Speed").
-    return lax.dot_general(dy, p, (((0, 1, 2), (0, 1, 2)), ((), ())), preferred_element_type=jnp.float32)
+    a, b = (dy, p) if _dy_first(w_shape) else (p, dy)
+    return lax.dot_general(a, b, (((0, 1, 2), (0, 1, 2)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def patch_weight_grad(x: jax.Array, dy: jax.Array, w_shape: Sequence[int], strides: tuple[int, int],
@@ -85,17 +92,18 @@ def patch_weight_grad(x: jax.Array, dy: jax.Array, w_shape: Sequence[int], strid
     n = x.shape[0]
     chunk = chunk or weight_grad_chunk(n, w_shape, dy.shape[1:3])
     if chunk >= n:
-        total = _patch_weight_grad_t(x, dy, w_shape, strides, pads)
+        total = _patch_weight_grad(x, dy, w_shape, strides, pads)
     else:
         xs = x.reshape(n // chunk, chunk, *x.shape[1:])
         dys = dy.reshape(n // chunk, chunk, *dy.shape[1:])
 
         def add_chunk(total, x_dy):
-            return total + _patch_weight_grad_t(*x_dy, w_shape, strides, pads), None
+            return total + _patch_weight_grad(*x_dy, w_shape, strides, pads), None
 
-        zeros = jnp.zeros((w_shape[3], w_shape[0] * w_shape[1] * w_shape[2]), jnp.float32)
+        k = w_shape[0] * w_shape[1] * w_shape[2]
+        zeros = jnp.zeros((w_shape[3], k) if _dy_first(w_shape) else (k, w_shape[3]), jnp.float32)
         total, _ = lax.scan(add_chunk, zeros, (xs, dys))
-    return total.T.reshape(w_shape)
+    return (total.T if _dy_first(w_shape) else total).reshape(w_shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

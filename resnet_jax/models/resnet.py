@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from resnet_jax.models.blocks import ResidualBlock, symmetric_padding
 from resnet_jax.models.conv import conv_function
+from resnet_jax.models.pool import pool_function
 
 Array = Any
 
@@ -37,8 +38,9 @@ class ResNet(nn.Module):
     """A residual (or plain) network; every named network is this module with a row of the stage table.
 
     Parameters stay float32; `dtype` is the compute dtype. Logits are returned in float32. `conv_impl`:
-    "auto" computes the convolutions' weight gradients as matrix products on CPUs (faster there, same
-    result within float32 rounding), "xla" leaves every gradient to XLA (resnet_jax/models/conv.py).
+    "auto" computes the convolutions' weight gradients as matrix products and the stem's max-pool gradient
+    with strided pads on CPUs (faster there, same result within float32 rounding), "xla" leaves every
+    gradient to XLA (resnet_jax/models/conv.py, pool.py).
 
     `scan_blocks` runs blocks 2..n of each stage, which all have the same shapes, as one `nn.scan`: XLA
     compiles one block per stage instead of n, which is what makes ResNet-1202 compile in seconds rather than
@@ -74,7 +76,7 @@ class ResNet(nn.Module):
             x = conv(self.stage_widths[0], (7, 7), (2, 2), padding=symmetric_padding(7), name="stem_conv")(x)
             x = nn.relu(norm(name="stem_bn")(x))
             # Padding with -inf or 0 is the same after a ReLU; -inf is what max_pool pads with.
-            x = nn.max_pool(x, (3, 3), (2, 2), padding=symmetric_padding(3))
+            x = pool_function(self.conv_impl)(x, (3, 3), (2, 2), symmetric_padding(3))
         else:
             x = conv(self.stage_widths[0], (3, 3), padding=symmetric_padding(3), name="stem_conv")(x)
             x = nn.relu(norm(name="stem_bn")(x))
