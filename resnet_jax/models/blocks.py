@@ -47,6 +47,9 @@ def shortcut(x: Array, features: int, strides: int, kind: str, conv: ModuleDef, 
     return x
 
 
+BOTTLENECK_EXPANSION = 4  # a bottleneck block's output is 4x its width (Table 1: 64 -> 256)
+
+
 class ResidualBlock(nn.Module):
     """conv-BN-ReLU ... conv-BN, plus the shortcut, then ReLU (Fig. 2 and Fig. 5 of the paper).
 
@@ -65,7 +68,7 @@ class ResidualBlock(nn.Module):
 
     @property
     def features(self) -> int:
-        return 4 * self.width if self.bottleneck else self.width
+        return BOTTLENECK_EXPANSION * self.width if self.bottleneck else self.width
 
     def branch(self) -> tuple[tuple[int, int, int], ...]:
         """(kernel, features, stride) of each convolution of the residual branch."""
@@ -73,7 +76,7 @@ class ResidualBlock(nn.Module):
         if not self.bottleneck:
             return ((3, self.width, s), (3, self.width, 1))
         s1, s3 = (s, 1) if self.stride_on == "1x1" else (1, s)
-        return ((1, self.width, s1), (3, self.width, s3), (1, 4 * self.width, 1))
+        return ((1, self.width, s1), (3, self.width, s3), (1, BOTTLENECK_EXPANSION * self.width, 1))
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
