@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from resnet_jax import benchmark
+from resnet_jax import benchmark, host_memory
 from resnet_jax.models import conv
 
 FAKE_PEER = textwrap.dedent("""
@@ -25,8 +25,10 @@ def result(tmp_path_factory):
     peer = tmp / "peer.py"
     peer.write_text(FAKE_PEER)
     out = tmp / "out.json"
-    printed = benchmark.main(["--model", "resnet20", "--batch", "8", "--steps", "2", "--warmup", "1",
-                              "--devices", "1", "--no-pipelines", "--peer-script", str(peer), "--json", str(out)])
+    with pytest.MonkeyPatch.context() as env:  # leave this pytest process' malloc as it is
+        env.setenv(host_memory.OPT_OUT_ENV, "default")
+        printed = benchmark.main(["--model", "resnet20", "--batch", "8", "--steps", "2", "--warmup", "1", "--devices",
+                                  "1", "--no-pipelines", "--peer-script", str(peer), "--json", str(out)])
     return printed, json.loads(out.read_text())
 
 
@@ -37,6 +39,7 @@ def test_json_has_every_figure(result):
         assert key in r, key
     assert r["model"] == "resnet20" and r["batch"] == 8 and r["devices"] == 1 and r["dtype"] == "float32"
     assert r["compiler_options"] == conv.NARROW_CPU_OPTIONS  # what the measured step was compiled with
+    assert r["host_malloc"] == "default"
 
 
 def test_figures_are_plausible(result):
@@ -53,7 +56,8 @@ def test_figures_are_plausible(result):
 def test_console_table(result, capsys):
     printed, _ = result
     text = benchmark.table(printed)
-    for word in ("XLA options", "train", "eval", "ratio ours/PyTorch", "utilization", "compile", "peak memory"):
+    for word in ("XLA options", "train", "eval", "ratio ours/PyTorch", "utilization", "compile", "peak memory",
+                 "host malloc"):
         assert word in text
 
 
