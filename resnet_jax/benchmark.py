@@ -257,7 +257,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     # Before JAX's first computation, as launch.py does, so that the figures are those of a training run.
-    retained = host_memory.retain_freed_memory()
+    try:
+        retained = host_memory.retain_freed_memory()
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     result = run(args)
     result["host_malloc"] = "retain" if retained else "default"
     print(table(result))

@@ -80,3 +80,9 @@ def test_peer_script_missing_is_reported_not_fatal(tmp_path, capsys, monkeypatch
 
 def test_default_peer_path_is_beside_the_checkout():
     assert benchmark.DEFAULT_PEER.parts[-3:] == ("shared", "bench", "torch_resnet.py")
+
+
+def test_bad_host_malloc_setting_is_one_line(monkeypatch):
+    monkeypatch.setenv(host_memory.OPT_OUT_ENV, "keep")
+    with pytest.raises(SystemExit, match=r"^error: RESNET_JAX_HOST_MALLOC='keep'; allowed: retain, default$"):
+        benchmark.main(["--no-peer", "--no-pipelines"])
