@@ -378,4 +378,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from resnet_jax import host_memory
+
+    try:  # as launch.py: before JAX's first computation, so that CPU steps reuse their buffers' pages
+        host_memory.retain_freed_memory()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     main()
