@@ -9,9 +9,9 @@ never gives memory back lets each step reuse the last step's pages. The price is
 stay mapped, and a single heap fragments (peak RSS 0.9 -> 1.2-1.5 GiB for ResNet-20 at 128, 5.3 -> 5.3-12.9 GiB
 for ResNet-50 at 32, varying with thread timing).
 
-`retain_freed_memory()` is what `launch.py` and `resnet_jax.benchmark` call first. It only acts where it pays:
-glibc, a process that will compute on the CPU, and before JAX starts its CPU backend (a thread keeps the arena
-it first allocated from). RESNET_JAX_HOST_MALLOC=default keeps glibc's behaviour.
+`retain_freed_memory()` is what `launch.py`, `experiments/reproduce.py` and `resnet_jax.benchmark` call first.
+It only acts where it pays: glibc, a process that will compute on the CPU, and before JAX starts its CPU backend
+(a thread keeps the arena it first allocated from). RESNET_JAX_HOST_MALLOC=default keeps glibc's behaviour.
 """
 
 import ctypes
