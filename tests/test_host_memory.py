@@ -42,9 +42,9 @@ def test_retained_memory_is_reused_without_page_faults():
     applied, retained = page_faults_per_step("retain")
     default_applied, default = page_faults_per_step("default")
     assert (applied, default_applied) == ("True", "False")
-    # glibc's default faults the 128 MiB result in every step. With the setting, the heap grows for the
-    # first few steps (3 to 17 of them, seen here: freed results are not always back when the next one is
-    # allocated), then every step reuses it: the median step faults nothing.
+    # glibc's default faults the 128 MiB result in every step. With the setting, the heap grows by a whole
+    # result in some of the first steps (3 to 17 of them, seen here), then every step reuses it: the median
+    # step faults nothing.
     assert default > 128 * 2**20 // 4096 // 2
     assert retained < default / 20
 
