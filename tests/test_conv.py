@@ -75,6 +75,30 @@ def test_weight_gradient_is_the_same_in_any_chunking(chunk, w_shape):
     assert rel_err(got, ref) < 1e-5
 
 
+PATCH_CASES = [((3, 3), (1, 1), ((1, 1), (1, 1))), ((3, 3), (2, 2), ((0, 1), (0, 1))),
+               ((7, 7), (2, 2), ((3, 3), (3, 3))), ((1, 1), (2, 2), ((0, 0), (0, 0)))]
+
+
+@pytest.mark.parametrize("kernel, strides, pads", PATCH_CASES)
+def test_patches_are_the_flat_concatenation_of_the_kernel_taps(kernel, strides, pads):
+    x = jax.random.normal(jax.random.key(2), (2, 11, 11, 5))
+    (kh, kw), (sh, sw) = kernel, strides
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    ho, wo = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
+    flat = jnp.concatenate([xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+                            for i in range(kh) for j in range(kw)], axis=-1)
+    assert jnp.array_equal(conv.patches(x, kernel, strides, pads, (ho, wo)), flat)
+
+
+def test_patches_compile_to_fused_kernels_on_cpu():
+    # XLA:CPU leaves a concatenation of more than 8 operands, or one along the minor dimension, unfused: a
+    # separate kernel that copies every patch once more (the reason `patches` stacks in two steps).
+    x = jnp.ones((4, 32, 32, 16))
+    hlo = jax.jit(lambda x: conv.patches(x, (3, 3), (1, 1), ((1, 1), (1, 1)), (32, 32))).lower(x).compile().as_text()
+    entry = hlo[hlo.index("ENTRY"):]
+    assert " concatenate(" not in entry and "fusion(" in entry
+
+
 def test_chunk_divides_the_batch_and_respects_the_budget():
     assert conv.weight_grad_chunk(128, (3, 3, 16, 16), (32, 32)) == 4  # 590 KB of patches per image
     assert conv.weight_grad_chunk(6, (3, 3, 16, 16), (32, 32)) == 6
