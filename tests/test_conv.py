@@ -93,7 +93,7 @@ def test_patches_are_the_flat_concatenation_of_the_kernel_taps(kernel, strides, 
 def test_patches_compile_to_fused_kernels_on_cpu():
     # XLA:CPU leaves a concatenation of more than 8 operands, or one along the minor dimension, unfused: a
     # separate kernel that copies every patch once more (the reason `patches` stacks in two steps).
-    x = jnp.ones((4, 32, 32, 16))
+    x = jax.device_put(jnp.ones((4, 32, 32, 16)), jax.devices("cpu")[0])  # XLA:CPU's program, even beside a GPU
     hlo = jax.jit(lambda x: conv.patches(x, (3, 3), (1, 1), ((1, 1), (1, 1)), (32, 32))).lower(x).compile().as_text()
     entry = hlo[hlo.index("ENTRY"):]
     assert " concatenate(" not in entry and "fusion(" in entry
