@@ -11,7 +11,6 @@ from jax.sharding import Mesh
 
 from resnet_jax.data.eval import average_view_scores, image_keys
 from resnet_jax.models import ResNet, conv
-from resnet_jax.models.blocks import BOTTLENECK_EXPANSION
 from resnet_jax.sharding import batch_sharding, replicated
 from resnet_jax.train_state import TrainState
 
@@ -97,8 +96,7 @@ def eval_step(state: TrainState, batch: Batch, *, model: ResNet) -> Metrics:
 
 def compiler_options(mesh: Mesh, model: ResNet) -> dict[str, str] | None:
     """The XLA options `model`'s steps compile with on `mesh`'s platform (resnet_jax/models/conv.py)."""
-    widest = max(model.stage_widths) * (BOTTLENECK_EXPANSION if model.bottleneck else 1)
-    return conv.compiler_options(model.conv_impl, widest, mesh.devices.flat[0].platform)
+    return conv.compiler_options(model.conv_impl, mesh.devices.flat[0].platform)
 
 
 def compile_train_step(mesh: Mesh, *, model: ResNet, **static: Any

@@ -166,16 +166,17 @@ def conv_function(impl: str) -> Callable[..., jax.Array]:
     return lax.conv_general_dilated if impl == "xla" else conv_general_dilated
 
 
-# XLA:CPU (jax 0.10) runs YNNPACK's convolutions, its default for the forward and input-gradient convolutions,
-# on one thread. For narrow convolutions (the CIFAR nets: 16-64 channels) Eigen's multi-threaded kernels are
-# faster (ResNet-20 at batch 128: training +12%, evaluation +20%); for ResNet-50's wide ones YNNPACK is (Eigen
-# 25% slower). Only the fusion list changes, so the program computes the same function (README "Speed").
-NARROW_CONV_CHANNELS = 64
+# XLA:CPU (jax 0.10) sends the forward and input-gradient convolutions to YNNPACK by default, which splits a
+# convolution's work over 64-channel tiles of its output: every convolution with at most 64 output channels
+# (all of CIFAR's, ResNet-50's at 56x56, the stem) runs on one thread. Eigen's kernels use every core and, with
+# freed host memory kept (host_memory.py), are faster for the wider ones too: ResNet-20 at 128 +12%, ResNet-18
+# and ResNet-50 at 32 +20-25% a train step (README "Speed"). Only the fusion list changes, so the program
+# computes the same function.
 _YNN_FUSIONS = "xla_cpu_experimental_ynn_fusion_type"
 # XLA's default YNN fusion list less INDIVIDUAL_CONVOLUTION (XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=
 # -individual_convolution compiles the same program). Keeping REDUCE matters: XLA's own reductions sum BN's
 # statistics in another order, and the parameters then drift from the defaults' by 1e-4 within three steps.
-NARROW_CPU_OPTIONS = {_YNN_FUSIONS: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+CPU_OPTIONS = {_YNN_FUSIONS: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 @functools.cache
@@ -188,13 +189,12 @@ def _accepted(options: tuple[tuple[str, str], ...]) -> bool:
     return True
 
 
-def compiler_options(conv_impl: str, max_channels: int, platform: str) -> dict[str, str] | None:
-    """XLA options for compiling a network's steps: `NARROW_CPU_OPTIONS` for `conv_impl="auto"` on a CPU when
-    no convolution has more than `NARROW_CONV_CHANNELS` output channels, else None (XLA's defaults).
+def compiler_options(conv_impl: str, platform: str) -> dict[str, str] | None:
+    """XLA options for compiling a network's steps: `CPU_OPTIONS` for `conv_impl="auto"` on a CPU, else None
+    (XLA's defaults, which `conv_impl="xla"`, the straightforward formulation, keeps everywhere).
 
     A YNN fusion list the user gives in XLA_FLAGS wins.
     """
-    if (conv_impl != "auto" or platform != "cpu" or max_channels > NARROW_CONV_CHANNELS
-            or _YNN_FUSIONS in os.environ.get("XLA_FLAGS", "")):
+    if conv_impl != "auto" or platform != "cpu" or _YNN_FUSIONS in os.environ.get("XLA_FLAGS", ""):
         return None
-    return dict(NARROW_CPU_OPTIONS) if _accepted(tuple(NARROW_CPU_OPTIONS.items())) else None
+    return dict(CPU_OPTIONS) if _accepted(tuple(CPU_OPTIONS.items())) else None
