@@ -164,7 +164,7 @@ def test_cpu_compiler_options_keep_the_function():
     """The options only move the convolutions from YNNPACK's kernels to Eigen's: the straightforward step of
     ResNet-20 is the same with them. (Through a max-pool the comparison is chaotic: a float32 rounding that
     flips a ReLU or a window's maximum reroutes that gradient, so ResNet-18's parameters after one step differ
-    by up to 5e-4 while its loss and gradient norm agree; measured 2026-11-28.)"""
+    by up to 5e-4 while its loss and gradient norm agree; measured 2026-11-29.)"""
     straightforward = one_sgd_step("resnet20", 16, "xla", None)
     assert_same_step(one_sgd_step("resnet20", 16, "xla", conv.CPU_OPTIONS), straightforward)
     assert_same_step(one_sgd_step("resnet20", 16, "auto", conv.CPU_OPTIONS), straightforward)

@@ -168,10 +168,9 @@ def conv_function(impl: str) -> Callable[..., jax.Array]:
 
 # XLA:CPU (jax 0.10) sends the forward and input-gradient convolutions to YNNPACK by default, which splits a
 # convolution's work over 64-channel tiles of its output: every convolution with at most 64 output channels
-# (all of CIFAR's, ResNet-50's at 56x56, the stem) runs on one thread. Eigen's kernels use every core and, with
-# freed host memory kept (host_memory.py), are faster for the wider ones too: ResNet-20 at 128 +12%, ResNet-18
-# and ResNet-50 at 32 +20-25% a train step (README "Speed"). Only the fusion list changes, so the program
-# computes the same function.
+# (all of CIFAR's, ResNet-50's at 56x56, the stem) runs on one thread. Eigen's kernels use every core and are
+# faster for the wider ones too: ResNet-20 at 128 +12%, ResNet-18 and ResNet-50 at 32 +20-25% a train step
+# (README "Speed"). Only the fusion list changes, so the program computes the same function.
 _YNN_FUSIONS = "xla_cpu_experimental_ynn_fusion_type"
 # XLA's default YNN fusion list less INDIVIDUAL_CONVOLUTION (XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=
 # -individual_convolution compiles the same program). Keeping REDUCE matters: XLA's own reductions sum BN's
