@@ -254,19 +254,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    # Before JAX's first computation, as launch.py does, so that the figures are those of a training run.
+def run_and_report(run_fn: Callable[[argparse.Namespace], dict[str, Any]],
+                   table_fn: Callable[[dict[str, Any]], str], args: argparse.Namespace) -> dict[str, Any]:
+    """A benchmark's command: glibc's malloc set first, as `launch.py` sets it, so that the figures are those of
+    a training run (before JAX's first computation; a bad RESNET_JAX_HOST_MALLOC exits with its error), then
+    the run, its table printed and every figure written to `args.json`."""
     try:
         retained = host_memory.retain_freed_memory()
     except ValueError as e:
         sys.exit(f"error: {e}")
-    result = run(args)
+    result = run_fn(args)
     result["host_malloc"] = "retain" if retained else "default"
-    print(table(result))
+    print(table_fn(result))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(result, indent=1, default=_jsonable))
     return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return run_and_report(run, table, parse_args(argv))
 
 
 def _jsonable(value: Any) -> Any:
