@@ -5,16 +5,16 @@
 
 The whole-step benchmark (`python -m resnet_jax.benchmark`) says how fast a network trains; this says where
 the time goes. For each distinct convolution of the forward pass (`resnet_jax.models.summary.convolutions`) it
-compiles alone the forward pass, the input gradient and the weight gradient as each `conv_impl` computes them
+compiles alone the float32 forward pass, input gradient and weight gradient as each `conv_impl` computes them
 in the train step, under the compiler options the train step uses, and times each: the median of `--steps`
 calls, the work finished before the clock stops. With PyTorch importable and the run on a CPU, PyTorch's
-kernels for the same shapes (channels-last; `aten.convolution_backward` for each gradient alone) are timed
-in the same process right after ours, layer by layer, so that both see the same machine (ratios, not
-absolute times, are what to compare on a shared machine). The first convolution
-reads the images and needs no input gradient, as in training. Totals weigh each convolution by how many times
-the network runs it. Both run with this package's malloc setting (`resnet_jax.host_memory`), which speeds
-PyTorch up too. BN, ReLU and the rest of the step are not here: the difference between these totals and
-a whole step is what they, and XLA's scheduling, cost.
+kernels for the same shapes (channels-last; `aten.convolution_backward` for each gradient alone) are timed in
+the same process right after ours, layer by layer, so that both see the same machine (ratios, not absolute
+times, are what to compare on a shared machine). The first convolution reads the images and needs no input
+gradient, as in training. Totals weigh each convolution by how many times the network runs it. Both run with
+this package's malloc setting (`resnet_jax.host_memory`), which speeds PyTorch up too. BN, ReLU and the rest
+of the step are not here: the difference between these totals and a whole step is what they, and XLA's
+scheduling, cost.
 """
 
 import argparse
