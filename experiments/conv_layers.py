@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from resnet_jax.benchmark import build_model, median_seconds, run_and_report
+from resnet_jax.benchmark import build_model, median_seconds, run_and_report, software
 from resnet_jax.models import conv as conv_lib
 from resnet_jax.models import input_shape
 from resnet_jax.models.summary import Convolution, convolutions
@@ -133,7 +133,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for s in sources:
         totals[f"{s}_ms"] = sum(totals[f"{s}_{k}_ms"] for k in KERNELS)
     result = {"model": args.model, "batch": args.batch, "platform": platform,
-              "device_kind": jax.devices()[0].device_kind, "sources": sources, "layers": rows, "totals": totals}
+              "device_kind": jax.devices()[0].device_kind, "software": software(), "sources": sources, "layers": rows,
+              "totals": totals}
     if "torch" in sources:
         # Speed ours/PyTorch, as the whole-step benchmark's ratio: above 1 means ours is faster.
         result["ratio"] = {impl: totals["torch_ms"] / totals[f"{impl}_ms"] for impl in impls}

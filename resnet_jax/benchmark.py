@@ -5,10 +5,10 @@
 
 Random data already on the device; SGD with momentum 0.9 and weight decay 1e-4 as in the paper. Each figure is
 the median of `--steps` steps timed one by one after compilation and `--warmup` steps, the device's work
-finished before the clock stops (the peer times its steps the same way). With PyTorch importable, the peer
-script (`../shared/bench/torch_resnet.py` beside the checkout, or `--peer-script`) runs in a subprocess right
-after ours, `--rounds` times alternating, and `ratio` is the median of ours/PyTorch over the rounds: ratios,
-not absolute times, are what to compare across runs on a shared machine.
+finished before the clock stops (the peer times its steps the same way). The peer script
+(`../shared/bench/torch_resnet.py` beside the checkout where PyTorch is importable, or any `--peer-script`)
+runs in a subprocess right after ours, `--rounds` times alternating, and `ratio` is the median of
+ours/PyTorch over the rounds: ratios, not absolute times, are what to compare across runs on a shared machine.
 
 Utilisation is the model's FLOPs per step (XLA's cost analysis of the straightforward train step, so it does not
 depend on how a formulation spends them) over the time, over the peak of a large matrix product in the run's
@@ -17,9 +17,11 @@ the process' peak RSS (CPU), as the output says.
 """
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import pathlib
+import platform
 import resource
 import statistics
 import subprocess
@@ -137,7 +139,7 @@ def measure(name: str, batch: int, steps: int, *, warmup: int = 2, dtype: str = 
         "train_img_per_s": batch / train_s, "eval_img_per_s": batch / eval_s,
         "compile_s": compile_s, "lower_s": lower_s, "eval_compile_s": eval_compile_s, "init_s": init_s,
         "peak_memory_bytes": memory, "memory_source": memory_source, "flops_per_step": flops,
-        "train_flop_per_s": flops / train_s,
+        "train_flop_per_s": flops / train_s, "software": software(),
     }
 
 
@@ -174,8 +176,9 @@ def peer_available() -> bool:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     peak = peak_flops(jax.devices()[:args.devices] if args.devices else jax.devices(), args.dtype)
     script = pathlib.Path(args.peer_script) if args.peer_script else DEFAULT_PEER
-    use_peer = args.peer and peer_available() and script.is_file() and (args.model in PEER_MODELS
-                                                                        or args.peer_script)
+    # A script given by name runs whatever is importable here: it may be a stand-in, or bring its own framework.
+    use_peer = args.peer and script.is_file() and (args.peer_script is not None
+                                                   or (peer_available() and args.model in PEER_MODELS))
     if args.peer and not use_peer:
         print(f"no peer: torch {'importable' if peer_available() else 'not importable'}, script {script} "
               f"{'found' if script.is_file() else 'missing'}, model {args.model}")
@@ -209,10 +212,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def software() -> dict[str, str]:
+    """Versions behind the figures: a ratio moves with the compiler (README "Speed")."""
+    return {"python": platform.python_version(), "jax": jax.__version__,
+            "jaxlib": importlib.metadata.version("jaxlib")}
+
+
 def table(r: dict[str, Any]) -> str:
     """The console summary."""
     rows = [("network", f"{r['model']} ({r['conv_impl']} conv), batch {r['batch']}, {r['dtype']}, "
                         f"{r['devices']} {r['platform']} device(s): {r['device_kind']}"),
+            ("software", ", ".join(f"{k} {v}" for k, v in r["software"].items())),
             ("XLA options", ", ".join(f"{k}={v}" for k, v in r["compiler_options"].items()) or "defaults"),
             ("train", f"{r['train_img_per_s']:,.1f} img/s"), ("eval", f"{r['eval_img_per_s']:,.1f} img/s")]
     if "ratio" in r:
@@ -247,7 +257,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scan-blocks", action="store_true", help="scan each stage's repeated blocks (fast compile)")
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
                    help="run the PyTorch peer when torch is importable")
-    p.add_argument("--peer-script", help=f"default: {DEFAULT_PEER}")
+    p.add_argument("--peer-script", help=f"peer to run, whether or not torch is importable here; default: "
+                                         f"{DEFAULT_PEER}, run where torch is importable")
     p.add_argument("--pipelines", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure the input pipelines")
     p.add_argument("--json", help="write every figure to this file")

@@ -3,6 +3,8 @@
 import json
 import textwrap
 
+import jax
+import jaxlib.version
 import pytest
 
 from resnet_jax import benchmark, host_memory
@@ -27,6 +29,7 @@ def result(tmp_path_factory):
     out = tmp / "out.json"
     with pytest.MonkeyPatch.context() as env:  # leave this pytest process' malloc as it is
         env.setenv(host_memory.OPT_OUT_ENV, "default")
+        env.setattr(benchmark, "peer_available", lambda: False)  # a named script runs without torch here
         printed = benchmark.main(["--model", "resnet20", "--batch", "8", "--steps", "2", "--warmup", "1", "--devices",
                                   "1", "--no-pipelines", "--peer-script", str(peer), "--json", str(out)])
     return printed, json.loads(out.read_text())
@@ -40,6 +43,7 @@ def test_json_has_every_figure(result):
     assert r["model"] == "resnet20" and r["batch"] == 8 and r["devices"] == 1 and r["dtype"] == "float32"
     assert r["compiler_options"] == conv.CPU_OPTIONS  # what the measured step was compiled with
     assert r["host_malloc"] == "default"
+    assert r["software"]["jax"] == jax.__version__ and r["software"]["jaxlib"] == jaxlib.version.__version__
 
 
 def test_figures_are_plausible(result):
@@ -56,8 +60,8 @@ def test_figures_are_plausible(result):
 def test_console_table(result, capsys):
     printed, _ = result
     text = benchmark.table(printed)
-    for word in ("XLA options", "train", "eval", "ratio ours/PyTorch", "utilization", "compile", "peak memory",
-                 "host malloc"):
+    for word in (f"jax {jax.__version__}", "XLA options", "train", "eval", "ratio ours/PyTorch", "utilization",
+                 "compile", "peak memory", "host malloc"):
         assert word in text
 
 

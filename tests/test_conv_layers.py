@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import pytest
 
 from experiments import conv_layers
@@ -46,6 +47,7 @@ def timed(tmp_path_factory):
 def test_every_kernel_of_every_convolution_is_timed(timed):
     _, r = timed
     assert r["sources"] == ["auto", "xla"] and r["host_malloc"] == "default"
+    assert r["software"]["jax"] == jax.__version__  # per-kernel times move with the compiler
     assert [row["count"] for row in r["layers"]] == [1, 2, 1, 1, 1, 1]  # ResNet-8: 6n + 1 with n = 1
     stem, *rest = r["layers"]
     assert stem["auto_dx_ms"] is None and stem["xla_dx_ms"] is None  # the images need no gradient
