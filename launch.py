@@ -32,12 +32,14 @@ flags.mark_flag_as_required("config")
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
-    from resnet_jax import host_memory, models
+    from resnet_jax import legacy, models
+    from resnet_jax.xla_cpu import malloc
 
-    config = FLAGS.config
+    config = legacy.upgrade_config(FLAGS.config)
     try:
-        # First, while no JAX or TensorFlow thread has allocated: on XLA:CPU, steps reuse their buffers' pages.
-        host_memory.retain_freed_memory()
+        if config.get("xla_cpu_layer", True):
+            # First, while no JAX or TensorFlow thread has allocated: on XLA:CPU, steps reuse their buffers' pages.
+            malloc.retain_freed_memory()
         if FLAGS.mode == "summary":
             print(models.describe(models.from_config(config.model), config.model.name))
             return

@@ -5,14 +5,15 @@
 
 The whole-step benchmark (`python -m resnet_jax.benchmark`) says how fast a network trains; this says where
 the time goes. For each distinct convolution of the forward pass (`resnet_jax.models.summary.convolutions`) it
-compiles alone the float32 forward pass, input gradient and weight gradient as each `conv_impl` computes them
-in the train step, under the compiler options the train step uses, and times each: the median of `--steps`
+compiles alone the float32 forward pass, input gradient and weight gradient as each of `--impls` computes them
+in the train step ("xla_cpu": the XLA:CPU layer of `resnet_jax.xla_cpu` with its compiler options; "xla":
+XLA's own, with its defaults), and times each: the median of `--steps`
 calls, the work finished before the clock stops. With PyTorch importable and the run on a CPU, PyTorch's
 kernels for the same shapes (channels-last; `aten.convolution_backward` for each gradient alone) are timed in
 the same process right after ours, layer by layer, so that both see the same machine (ratios, not absolute
 times, are what to compare on a shared machine). The first convolution reads the images and needs no input
 gradient, as in training. Totals weigh each convolution by how many times the network runs it. Both run with
-this package's malloc setting (`resnet_jax.host_memory`), which speeds PyTorch up too. BN, ReLU and the rest
+this package's malloc setting (`resnet_jax.xla_cpu.malloc`), which speeds PyTorch up too. BN, ReLU and the rest
 of the step are not here: the difference between these totals and a whole step is what they, and XLA's
 scheduling, cost.
 """
@@ -24,19 +25,23 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
+from resnet_jax import xla_cpu
 from resnet_jax.benchmark import build_model, median_seconds, run_and_report, software
-from resnet_jax.models import conv as conv_lib
 from resnet_jax.models import input_shape
 from resnet_jax.models.summary import Convolution, convolutions
 
 KERNELS = ("fwd", "dx", "dw")
+IMPLS = ("xla_cpu", "xla")
+ALIASES = {"auto": "xla_cpu"}  # the XLA:CPU layer's name when it was a model option
 
 
 def our_kernels(conv: Convolution, impl: str, platform: str) -> dict[str, Callable[[], Any]]:
-    """The forward pass and each gradient of `conv` as `conv_impl=impl` computes them, compiled alone."""
-    conv_fn = conv_lib.conv_function(impl)
-    options = conv_lib.compiler_options(impl, platform)
+    """The forward pass and each gradient of `conv` as `impl` computes them in a train step, compiled alone."""
+    layer = impl == "xla_cpu" and platform == "cpu"
+    conv_fn = xla_cpu.conv.conv_general_dilated if layer else lax.conv_general_dilated
+    options = xla_cpu.compiler.compiler_options() if layer else None
 
     def forward(x, w):
         return conv_fn(x, w, conv.strides, conv.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -111,7 +116,7 @@ def label(conv: Convolution) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    model = build_model(args.model, "float32", args.stride_on, None)
+    model = build_model(args.model, "float32", args.stride_on)
     platform = jax.devices()[0].platform
     layers = convolutions(model, args.batch)
     impls = args.impls.split(",")
@@ -164,15 +169,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=10, help="timed calls per kernel (median)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--impls", default="auto,xla", help="conv_impl values to time, comma-separated")
+    p.add_argument("--impls", default="xla_cpu,xla", help=f"what to time, comma-separated: {', '.join(IMPLS)}")
     p.add_argument("--stride-on", choices=["1x1", "3x3"], help="bottleneck stride placement (default: the model's)")
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
                    help="time PyTorch's kernels too (CPU runs, when torch is importable)")
     p.add_argument("--json", help="write every figure to this file")
     args = p.parse_args(argv)
-    for impl in args.impls.split(","):
-        if impl not in conv_lib.CONV_IMPLS:
-            p.error(f"unknown conv_impl {impl!r} in --impls; allowed: {', '.join(conv_lib.CONV_IMPLS)}")
+    impls = [ALIASES.get(impl, impl) for impl in args.impls.split(",")]
+    for impl in impls:
+        if impl not in IMPLS:
+            p.error(f"unknown implementation {impl!r} in --impls; allowed: {', '.join(IMPLS)}")
+    args.impls = ",".join(impls)
     return args
 
 

@@ -325,7 +325,9 @@ def _parse(value: str) -> Any:
         return value
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, retain_freed_memory: bool = False) -> None:
+    """The command; `retain_freed_memory` sets glibc's malloc as launch.py does (unless --set
+    xla_cpu_layer=False), before JAX's first computation, so that CPU steps reuse their buffers' pages."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiment", choices=EXPERIMENTS)
     parser.add_argument("--budget", type=float, default=1.0,
@@ -344,6 +346,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = pathlib.Path(args.out or ROOT / "experiments" / "results" / args.experiment)
     out.mkdir(parents=True, exist_ok=True)
     extra = {key: _parse(value) for key, value in (item.split("=", 1) for item in args.set)}
+    if retain_freed_memory and extra.get("xla_cpu_layer", True):
+        from resnet_jax.xla_cpu import malloc
+
+        try:
+            malloc.retain_freed_memory()
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     runs = experiment_runs(args.experiment, args.depths or DEFAULT_DEPTHS[args.experiment], args.seeds)
     if args.only is not None:
         unknown = sorted(set(args.only) - {r.label for r in runs})
@@ -378,10 +387,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from resnet_jax import host_memory
-
-    try:  # as launch.py: before JAX's first computation, so that CPU steps reuse their buffers' pages
-        host_memory.retain_freed_memory()
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    main()
+    main(retain_freed_memory=True)

@@ -1,4 +1,4 @@
-"""Training and evaluation throughput of a network on this machine, against a PyTorch peer (issue 6).
+"""Training and evaluation throughput of a network on this machine, against a PyTorch peer.
 
     python -m resnet_jax.benchmark --model resnet20 --batch 128 --steps 20 --json out.json
     python -m resnet_jax.benchmark --model resnet50 --batch 32 --steps 5 --rounds 3
@@ -35,11 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import host_memory, models, optim, synthetic
+from resnet_jax import models, optim, synthetic, xla_cpu
 from resnet_jax.models.summary import xla_flops
-from resnet_jax.sharding import make_mesh, replicated
+from resnet_jax.sharding import make_mesh, mesh_platform, replicated
 from resnet_jax.train_state import init_train_state
-from resnet_jax.train_step import compile_eval_step, compile_train_step, compiler_options
+from resnet_jax.train_step import compile_eval_step, compile_train_step
+from resnet_jax.xla_cpu import malloc
 
 PEER_MODELS = ("resnet20", "resnet56", "resnet50")
 DEFAULT_PEER = pathlib.Path(__file__).resolve().parents[2] / "shared" / "bench" / "torch_resnet.py"
@@ -72,23 +73,22 @@ def peak_memory(devices: list[jax.Device]) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS (no device statistics)"
 
 
-def build_model(name: str, dtype: str, stride_on: str | None, conv_impl: str | None,
-                scan_blocks: bool = False) -> models.ResNet:
+def build_model(name: str, dtype: str, stride_on: str | None, scan_blocks: bool = False) -> models.ResNet:
     options: dict[str, Any] = {"dtype": dtype, "scan_blocks": scan_blocks}
     if stride_on:
         options["stride_on"] = stride_on
-    if conv_impl:
-        options["conv_impl"] = conv_impl
     return models.create(name, **options)
 
 
 def measure(name: str, batch: int, steps: int, *, warmup: int = 2, dtype: str = "float32", devices: int = 0,
-            stride_on: str | None = None, conv_impl: str | None = None, scan_blocks: bool = False
+            stride_on: str | None = None, xla_cpu_layer: bool = True, scan_blocks: bool = False
             ) -> dict[str, Any]:
-    """Compile times, train and eval images/s, peak memory and FLOPs of one network on `devices` devices."""
+    """Compile times, train and eval images/s, peak memory and FLOPs of one network on `devices` devices, its
+    steps compiled as training compiles them (with the XLA:CPU layer on a CPU unless `xla_cpu_layer=False`)."""
     devs = jax.devices()[:devices] if devices else jax.devices()
     mesh = make_mesh(devs)
-    model = build_model(name, dtype, stride_on, conv_impl, scan_blocks)
+    model = build_model(name, dtype, stride_on, scan_blocks)
+    compute_model, options = xla_cpu.specialize(model, mesh_platform(mesh), enabled=xla_cpu_layer)
     schedule = optim.learning_rate_schedule(name="constant", base_learning_rate=0.01, num_train_steps=1)
     tx = optim.sgd(schedule, momentum=0.9, weight_decay=1e-4)
 
@@ -99,28 +99,27 @@ def measure(name: str, batch: int, steps: int, *, warmup: int = 2, dtype: str = 
     batches = synthetic.batches(batch, models.input_shape(model), model.num_classes, mesh)
     data = next(batches)
 
-    train_jit = compile_train_step(mesh, model=model, tx=tx, schedule=schedule)
+    train_jit = compile_train_step(mesh, model=compute_model, compiler_options=options, tx=tx, schedule=schedule)
     start = time.perf_counter()
     lowered = train_jit.lower(state, data)
     lower_s = time.perf_counter() - start
     train = lowered.compile()
     compile_s = time.perf_counter() - start
-    eval_jit = compile_eval_step(mesh, model)
+    eval_jit = compile_eval_step(mesh, compute_model, options)
     start = time.perf_counter()
     evaluate = eval_jit.lower(state, data).compile()
     eval_compile_s = time.perf_counter() - start
 
     # The model's work, counted on the straightforward formulation (XLA counts a loop's body once, so the
-    # chunked CPU weight gradient would read low); off the CPU "auto" compiles to that formulation anyway.
+    # chunked CPU weight gradient would read low).
     if scan_blocks:
         # XLA would count the scanned blocks once: count the forward's multiply-adds over every block as XLA
         # does (taps on padding skipped), x2 FLOPs, x3 for the forward and the two gradients.
         flops = 6 * batch * models.analytic_macs(model, skip_padding=True)
-    elif model.conv_impl == "xla" or devs[0].platform != "cpu":
+    elif compute_model is model:
         flops = xla_flops(train.cost_analysis())
     else:
-        plain = build_model(name, dtype, stride_on, "xla")
-        flops = xla_flops(compile_train_step(mesh, model=plain, tx=tx, schedule=schedule).lower(state, data)
+        flops = xla_flops(compile_train_step(mesh, model=model, tx=tx, schedule=schedule).lower(state, data)
                        .compile().cost_analysis())
 
     box = [state]
@@ -134,8 +133,8 @@ def measure(name: str, batch: int, steps: int, *, warmup: int = 2, dtype: str = 
     memory, memory_source = peak_memory(devs)
     return {
         "model": name, "batch": batch, "dtype": dtype, "devices": len(devs), "platform": devs[0].platform,
-        "device_kind": devs[0].device_kind, "conv_impl": model.conv_impl, "stride_on": model.stride_on,
-        "compiler_options": compiler_options(mesh, model) or {},
+        "device_kind": devs[0].device_kind, "xla_cpu_layer": compute_model is not model, "stride_on": model.stride_on,
+        "compiler_options": options or {},
         "train_img_per_s": batch / train_s, "eval_img_per_s": batch / eval_s,
         "compile_s": compile_s, "lower_s": lower_s, "eval_compile_s": eval_compile_s, "init_s": init_s,
         "peak_memory_bytes": memory, "memory_source": memory_source, "flops_per_step": flops,
@@ -185,10 +184,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rounds = []
     for _ in range(max(args.rounds, 1)):
         ours = measure(args.model, args.batch, args.steps, warmup=args.warmup, dtype=args.dtype,
-                       devices=args.devices, stride_on=args.stride_on, conv_impl=args.conv_impl,
+                       devices=args.devices, stride_on=args.stride_on, xla_cpu_layer=args.xla_cpu_layer,
                        scan_blocks=args.scan_blocks)
         if use_peer:
-            host_memory.release_freed_memory()
+            malloc.release_freed_memory()
             peer = run_peer(script, args.model, args.batch, args.steps, args.warmup, args.stride_on)
             ours["peer_train_img_per_s"], ours["peer_eval_img_per_s"] = peer["train_img_per_s"], peer["eval_img_per_s"]
             ours["peer"] = {k: v for k, v in peer.items() if not k.endswith("img_per_s")}
@@ -213,14 +212,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def software() -> dict[str, str]:
-    """Versions behind the figures: a ratio moves with the compiler (README "Speed")."""
+    """Versions behind the figures: a ratio moves with the compiler."""
     return {"python": platform.python_version(), "jax": jax.__version__,
             "jaxlib": importlib.metadata.version("jaxlib")}
 
 
 def table(r: dict[str, Any]) -> str:
     """The console summary."""
-    rows = [("network", f"{r['model']} ({r['conv_impl']} conv), batch {r['batch']}, {r['dtype']}, "
+    layer = "with the XLA:CPU layer" if r["xla_cpu_layer"] else "plain"
+    rows = [("network", f"{r['model']} ({layer}), batch {r['batch']}, {r['dtype']}, "
                         f"{r['devices']} {r['platform']} device(s): {r['device_kind']}"),
             ("software", ", ".join(f"{k} {v}" for k, v in r["software"].items())),
             ("XLA options", ", ".join(f"{k}={v}" for k, v in r["compiler_options"].items()) or "defaults"),
@@ -235,7 +235,7 @@ def table(r: dict[str, Any]) -> str:
                          f"{r['eval_compile_s']:.1f} s, init {r['init_s']:.1f} s"),
              ("peak memory", f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB ({r['memory_source']})")]
     if "host_malloc" in r:
-        rows.append(("host malloc", {"retain": "freed memory kept in the process (resnet_jax.host_memory)",
+        rows.append(("host malloc", {"retain": "freed memory kept in the process (resnet_jax.xla_cpu.malloc)",
                                      "default": "glibc's default"}[r["host_malloc"]]))
     for name, rate in r.get("pipelines_img_per_s", {}).items():
         rows.append(("pipeline", f"{name}: {rate:,.0f} img/s"))
@@ -253,7 +253,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--devices", type=int, default=0, help="number of devices (0: all)")
     p.add_argument("--stride-on", choices=["1x1", "3x3"], help="bottleneck stride placement (default: the model's)")
-    p.add_argument("--conv-impl", choices=["xla", "auto"], help="default: the model's")
+    p.add_argument("--xla-cpu-layer", action=argparse.BooleanOptionalAction, default=True,
+                   help="on a CPU, compile the steps with resnet_jax.xla_cpu (as training does by default)")
+    # The old name of that switch: "auto" is the layer, "xla" XLA's defaults.
+    p.add_argument("--conv-impl", choices=["xla", "auto"], help=argparse.SUPPRESS)
     p.add_argument("--scan-blocks", action="store_true", help="scan each stage's repeated blocks (fast compile)")
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
                    help="run the PyTorch peer when torch is importable")
@@ -262,7 +265,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pipelines", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure the input pipelines")
     p.add_argument("--json", help="write every figure to this file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.conv_impl:
+        args.xla_cpu_layer = args.conv_impl == "auto"
+    return args
 
 
 def run_and_report(run_fn: Callable[[argparse.Namespace], dict[str, Any]],
@@ -271,7 +277,7 @@ def run_and_report(run_fn: Callable[[argparse.Namespace], dict[str, Any]],
     a training run (before JAX's first computation; a bad RESNET_JAX_HOST_MALLOC exits with its error), then
     the run, its table printed and every figure written to `args.json`."""
     try:
-        retained = host_memory.retain_freed_memory()
+        retained = malloc.retain_freed_memory() if getattr(args, "xla_cpu_layer", True) else False
     except ValueError as e:
         sys.exit(f"error: {e}")
     result = run_fn(args)

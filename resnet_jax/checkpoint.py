@@ -24,6 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from resnet_jax import legacy
 from resnet_jax.sharding import replicated
 
 BEST_METRIC = "top1_error"  # of the validation split; the smaller the better
@@ -146,7 +147,7 @@ def check_compatible(meta: Mapping[str, Any], expected: Mapping[str, Any], where
 
     Compared from the JSON meta before any array is read, so the message names the architectures rather than
     an array shape deep inside Orbax."""
-    saved_options, wanted_options = meta.get("model_options", {}), expected["model_options"]
+    saved_options, wanted_options = legacy.architecture(meta.get("model_options", {})), expected["model_options"]
     if (meta["model"], meta["num_params"]) != (expected["model"], expected["num_params"]) or \
             saved_options != wanted_options:
         saved, wanted = describe(meta), describe(expected)

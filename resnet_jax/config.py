@@ -17,6 +17,8 @@ def validate(config: Any, mesh: Mesh, check_data: bool = True) -> None:
     `check_data=False` skips the dataset checks (which look for the files), e.g. to build an ImageNet config's
     model on a machine without ImageNet."""
     models.from_config(config.model)
+    if not isinstance(config.get("xla_cpu_layer", True), bool):
+        raise ValueError(f"xla_cpu_layer {config.xla_cpu_layer!r}; allowed: True, False")
     devices = mesh.devices.size
     for field in ("batch_size", "eval_batch_size"):
         try:

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from resnet_jax import models
+from resnet_jax import legacy, models
 
 META_KEY = "__meta__"
 Variables = dict[str, Any]
@@ -63,12 +63,13 @@ def model_meta(name: str, create_options: Mapping[str, Any], **extra: Any) -> di
 
 
 def model_from_meta(meta: Mapping[str, Any]) -> models.ResNet:
-    model = models.create(meta["model"], **meta.get("create_options", {}))
+    model = models.create(meta["model"], **legacy.architecture(meta.get("create_options", {})))
     if "model_options" in meta:
         wanted = json.loads(json.dumps(models.model_options(model), default=list))
-        if wanted != meta["model_options"]:
+        recorded = legacy.architecture(meta["model_options"])
+        if wanted != recorded:
             # create()'s defaults changed since the file was written: rebuild from the exact record.
-            options = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["model_options"].items()}
+            options = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()}
             model = models.ResNet(**options)
     return model
 

@@ -18,7 +18,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from resnet_jax import checkpoint, models
+from resnet_jax import checkpoint, legacy, models
 from resnet_jax.config import make_optimizer, make_schedule
 from resnet_jax.sharding import make_mesh
 from resnet_jax.train_state import TrainState, init_train_state
@@ -31,7 +31,7 @@ class Loaded(NamedTuple):
 
 
 def config_from_meta(meta: dict[str, Any]) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(json.loads(meta["config"]))
+    return legacy.upgrade_config(ml_collections.ConfigDict(json.loads(meta["config"])))
 
 
 def _locate(path: str | pathlib.Path, step: int | None) -> tuple[pathlib.Path, int | None]:
@@ -111,7 +111,8 @@ def evaluate(path: str | pathlib.Path, split: str = "test", *, step: int | None 
         config.data_dir = data_dir
     model = models.from_config(config.model)
     batches = trainer.eval_batches(config, model, mesh, split)
-    return trainer.evaluate_split(state, compile_eval_step(mesh, model), batches)
+    return trainer.evaluate_split(state, compile_eval_step(mesh, *trainer.compiled_model(config, model, mesh)),
+                                  batches)
 
 
 def steps(path: str | pathlib.Path) -> list[int]:

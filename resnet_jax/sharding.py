@@ -17,6 +17,11 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def mesh_platform(mesh: Mesh) -> str:
+    """The platform the mesh's devices are ("cpu", "gpu", "tpu"): what a step is compiled for."""
+    return mesh.devices.flat[0].platform
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over the data axis; every other axis whole."""
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))

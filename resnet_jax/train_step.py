@@ -10,7 +10,7 @@ import optax
 from jax.sharding import Mesh
 
 from resnet_jax.data.eval import average_view_scores, image_keys
-from resnet_jax.models import ResNet, conv
+from resnet_jax.models import ResNet
 from resnet_jax.sharding import batch_sharding, replicated
 from resnet_jax.train_state import TrainState
 
@@ -94,20 +94,20 @@ def eval_step(state: TrainState, batch: Batch, *, model: ResNet) -> Metrics:
     }
 
 
-def compiler_options(mesh: Mesh, model: ResNet) -> dict[str, str] | None:
-    """The XLA options `model`'s steps compile with on `mesh`'s platform (resnet_jax/models/conv.py)."""
-    return conv.compiler_options(model.conv_impl, mesh.devices.flat[0].platform)
-
-
-def compile_train_step(mesh: Mesh, *, model: ResNet, **static: Any
+def compile_train_step(mesh: Mesh, *, model: ResNet, compiler_options: dict[str, str] | None = None, **static: Any
                        ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """`train_step` jitted over `mesh`: batch split along the data axis, state replicated and donated."""
+    """`train_step` jitted over `mesh`: batch split along the data axis, state replicated and donated.
+
+    `model` and `compiler_options` are what the step computes and how XLA compiles it: for a CPU mesh, what
+    `resnet_jax.xla_cpu.specialize` returns."""
     return jax.jit(functools.partial(train_step, model=model, **static),
                    in_shardings=(replicated(mesh), batch_sharding(mesh)),
                    out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0,
-                   compiler_options=compiler_options(mesh, model))
+                   compiler_options=compiler_options)
 
 
-def compile_eval_step(mesh: Mesh, model: ResNet) -> Callable[[TrainState, Batch], Metrics]:
+def compile_eval_step(mesh: Mesh, model: ResNet, compiler_options: dict[str, str] | None = None
+                      ) -> Callable[[TrainState, Batch], Metrics]:
+    """`eval_step` jitted over `mesh`, as `compile_train_step`."""
     return jax.jit(functools.partial(eval_step, model=model), in_shardings=(replicated(mesh), batch_sharding(mesh)),
-                   out_shardings=replicated(mesh), compiler_options=compiler_options(mesh, model))
+                   out_shardings=replicated(mesh), compiler_options=compiler_options)

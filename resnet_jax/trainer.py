@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from resnet_jax import checkpoint, models, synthetic
+from resnet_jax import checkpoint, legacy, models, synthetic, xla_cpu
 from resnet_jax.config import SYNTHETIC, make_optimizer, make_schedule, validate
 from resnet_jax.metrics import MetricWriter, mean_of
 from resnet_jax.preemption import PreemptionWatcher
-from resnet_jax.sharding import make_mesh, replicated
+from resnet_jax.sharding import make_mesh, mesh_platform, replicated
 from resnet_jax.train_state import TrainState, init_train_state
 from resnet_jax.train_step import compile_eval_step, compile_train_step
 
@@ -86,10 +86,19 @@ def evaluate_split(state: TrainState, eval_step: Any, batches: Iterator[dict]) -
             "top5_error": 1.0 - float(totals["top5_correct"]) / n, "num_examples": int(round(n))}
 
 
+def compiled_model(config: Any, model: models.ResNet, mesh: Mesh) -> tuple[models.ResNet, dict[str, str] | None]:
+    """(model, compiler options) that `config`'s steps compile on `mesh`: `model` itself, or on a CPU mesh with
+    `config.xla_cpu_layer` (the default) the XLA:CPU layer's form of it (resnet_jax.xla_cpu)."""
+    return xla_cpu.specialize(model, mesh_platform(mesh), enabled=config.get("xla_cpu_layer", True))
+
+
 class Run:
-    """What a config describes, built once: model, optimizer, mesh, compiled steps, checkpoint manager."""
+    """What a config describes, built once: model, optimizer, mesh, compiled steps, checkpoint manager.
+
+    `model` is the network (what checkpoints record); the steps compute `compiled_model(config, model, mesh)`."""
 
     def __init__(self, config: Any, workdir: str, mesh: Mesh | None = None):
+        config = legacy.upgrade_config(config)
         self.config, self.workdir = config, workdir
         self.mesh = mesh or make_mesh()
         validate(config, self.mesh)
@@ -98,9 +107,10 @@ class Run:
         self.tx = make_optimizer(config, self.schedule)
         self._init = jax.jit(lambda: init_train_state(self.model, self.tx, config.seed),
                              out_shardings=replicated(self.mesh))
-        self.train_step = compile_train_step(self.mesh, model=self.model, tx=self.tx, schedule=self.schedule,
-                                             ghost_batch_size=config.ghost_batch_size)
-        self.eval_step = compile_eval_step(self.mesh, self.model)
+        compute_model, options = compiled_model(config, self.model, self.mesh)
+        self.train_step = compile_train_step(self.mesh, model=compute_model, compiler_options=options, tx=self.tx,
+                                             schedule=self.schedule, ghost_batch_size=config.ghost_batch_size)
+        self.eval_step = compile_eval_step(self.mesh, compute_model, options)
         self._all_finite = jax.jit(lambda tree: jnp.all(jnp.asarray(
             [jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)])))
         self.best_split = best_checkpoint_split(config)

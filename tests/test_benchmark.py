@@ -1,4 +1,4 @@
-"""The benchmark (issue 6) on a tiny size: every figure present and plausible, the peer's ratio computed."""
+"""The benchmark on a tiny size: every figure present and plausible, the peer's ratio computed."""
 
 import json
 import textwrap
@@ -7,8 +7,8 @@ import jax
 import jaxlib.version
 import pytest
 
-from resnet_jax import benchmark, host_memory
-from resnet_jax.models import conv
+from resnet_jax import benchmark
+from resnet_jax.xla_cpu import compiler, malloc
 
 FAKE_PEER = textwrap.dedent("""
     import argparse, json
@@ -28,7 +28,7 @@ def result(tmp_path_factory):
     peer.write_text(FAKE_PEER)
     out = tmp / "out.json"
     with pytest.MonkeyPatch.context() as env:  # leave this pytest process' malloc as it is
-        env.setenv(host_memory.OPT_OUT_ENV, "default")
+        env.setenv(malloc.OPT_OUT_ENV, "default")
         env.setattr(benchmark, "peer_available", lambda: False)  # a named script runs without torch here
         printed = benchmark.main(["--model", "resnet20", "--batch", "8", "--steps", "2", "--warmup", "1", "--devices",
                                   "1", "--no-pipelines", "--peer-script", str(peer), "--json", str(out)])
@@ -41,7 +41,7 @@ def test_json_has_every_figure(result):
                 "flops_per_step", "peak_flop_per_s", "peer_train_img_per_s", "ratio", "command"):
         assert key in r, key
     assert r["model"] == "resnet20" and r["batch"] == 8 and r["devices"] == 1 and r["dtype"] == "float32"
-    assert r["compiler_options"] == conv.CPU_OPTIONS  # what the measured step was compiled with
+    assert r["compiler_options"] == compiler.CPU_OPTIONS and r["xla_cpu_layer"]  # how the measured step compiled
     assert r["host_malloc"] == "default"
     assert r["software"]["jax"] == jax.__version__ and r["software"]["jaxlib"] == jaxlib.version.__version__
 
@@ -87,6 +87,6 @@ def test_default_peer_path_is_beside_the_checkout():
 
 
 def test_bad_host_malloc_setting_is_one_line(monkeypatch):
-    monkeypatch.setenv(host_memory.OPT_OUT_ENV, "keep")
+    monkeypatch.setenv(malloc.OPT_OUT_ENV, "keep")
     with pytest.raises(SystemExit, match=r"^error: RESNET_JAX_HOST_MALLOC='keep'; allowed: retain, default$"):
         benchmark.main(["--no-peer", "--no-pipelines"])

@@ -1,6 +1,7 @@
 """Checkpoints in one process: exact resume, keep last K and best by validation error, restore on another
 device count, one-line mismatch errors, fallback past a damaged checkpoint, NaN stops without saving."""
 
+import json
 import pathlib
 import shutil
 
@@ -186,3 +187,53 @@ def test_nan_learning_rate_is_caught_before_saving(tmp_path):
                          **{"optimizer.learning_rate": float("nan")})
     with pytest.raises(FloatingPointError, match="after step 1; stopping without saving, no checkpoint"):
         trainer.train_and_evaluate(c, str(tmp_path), mesh=one_device())
+
+
+def test_a_run_resumes_across_the_xla_cpu_layer_switch(tmp_path):
+    """Checkpoints record the network, not how a CPU computes its gradients: a run saved with the layer on
+    resumes with it off and the reverse, and ends where an uninterrupted run ends (within float32 rounding)."""
+    def run(layer):  # a new launch: a new Run, which reads the workdir afresh
+        return trainer.Run(synthetic_config(xla_cpu_layer=layer), str(tmp_path / "switched"), mesh=one_device())
+
+    without_config = lambda meta: {k: v for k, v in meta.items() if k != "config"}  # noqa: E731
+    assert without_config(run(True).meta()) == without_config(run(False).meta())
+    assert run(True).train(stop_after=2)["step"] == 2
+    assert run(False).train(stop_after=2)["step"] == 4
+    switched = run(True).train()
+    assert switched["step"] == 6
+    whole = trainer.train_and_evaluate(synthetic_config(xla_cpu_layer=False), str(tmp_path / "whole"),
+                                       mesh=one_device())
+    # Six SGD steps at lr 0.1 grow the two formulations' float32 rounding to about 1e-5.
+    for a, b in zip(leaves(whole["state"]), leaves(switched["state"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def as_written_before_the_xla_cpu_layer(workdir, step, conv_impl="auto"):
+    """Rewrites a checkpoint's meta as versions that kept the CPU layer in the model wrote it: `conv_impl` in
+    the model's options and in the config's model section (the arrays were the same)."""
+    path = checkpoint.checkpoints_dir(workdir) / str(step) / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    config = json.loads(meta["config"])
+    config["model"]["conv_impl"] = conv_impl
+    del config["xla_cpu_layer"]
+    meta["config"], meta["model_options"]["conv_impl"] = json.dumps(config), conv_impl
+    path.write_text(json.dumps(meta))
+
+
+def test_a_checkpoint_from_before_the_xla_cpu_layer_restores_and_resumes(tmp_path):
+    config = synthetic_config()
+    saved = trainer.Run(config, str(tmp_path), mesh=one_device()).train(stop_after=2)["state"]
+    as_written_before_the_xla_cpu_layer(tmp_path, 2, conv_impl="xla")
+    model, variables, loaded_config = restore.load(tmp_path)
+    assert "conv_impl" not in loaded_config.model and loaded_config.xla_cpu_layer is False
+    for a, b in zip(leaves(saved.variables), leaves(variables), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert restore.evaluate(tmp_path, split="test")["num_examples"] == 16
+    assert trainer.Run(config, str(tmp_path), mesh=one_device()).train(stop_after=1)["step"] == 3
+    # A config file of that time, with model.conv_impl, still runs.
+    old = synthetic_config()
+    with old.unlocked():
+        old.model.conv_impl = "auto"
+        del old["xla_cpu_layer"]
+    run = trainer.Run(old, str(tmp_path), mesh=one_device())
+    assert run.config.xla_cpu_layer is True and "conv_impl" not in run.config.model

@@ -6,9 +6,9 @@ import jax
 import pytest
 
 from experiments import conv_layers
-from resnet_jax import host_memory
 from resnet_jax.models import create
 from resnet_jax.models.summary import Convolution, convolutions
+from resnet_jax.xla_cpu import malloc
 
 
 def test_resnet20_runs_19_convolutions_of_six_shapes():
@@ -38,7 +38,7 @@ def test_scanned_blocks_count_every_run():
 def timed(tmp_path_factory):
     out = tmp_path_factory.mktemp("layers") / "layers.json"
     with pytest.MonkeyPatch.context() as env:  # leave this pytest process' malloc as it is
-        env.setenv(host_memory.OPT_OUT_ENV, "default")
+        env.setenv(malloc.OPT_OUT_ENV, "default")
         printed = conv_layers.main(["--model", "resnet8", "--batch", "2", "--steps", "1", "--warmup", "1",
                                     "--no-peer", "--json", str(out)])
     return printed, json.loads(out.read_text())
@@ -46,17 +46,17 @@ def timed(tmp_path_factory):
 
 def test_every_kernel_of_every_convolution_is_timed(timed):
     _, r = timed
-    assert r["sources"] == ["auto", "xla"] and r["host_malloc"] == "default"
+    assert r["sources"] == ["xla_cpu", "xla"] and r["host_malloc"] == "default"
     assert r["software"]["jax"] == jax.__version__  # per-kernel times move with the compiler
     assert [row["count"] for row in r["layers"]] == [1, 2, 1, 1, 1, 1]  # ResNet-8: 6n + 1 with n = 1
     stem, *rest = r["layers"]
-    assert stem["auto_dx_ms"] is None and stem["xla_dx_ms"] is None  # the images need no gradient
+    assert stem["xla_cpu_dx_ms"] is None and stem["xla_dx_ms"] is None  # the images need no gradient
     for row in r["layers"]:
-        for source in ("auto", "xla"):
+        for source in ("xla_cpu", "xla"):
             for kernel in ("fwd", "dw", *(("dx",) if row is not stem else ())):
                 assert 0 < row[f"{source}_{kernel}_ms"] < 10_000, (row["layer"], source, kernel)
-    total = sum(row["count"] * row["auto_dw_ms"] for row in r["layers"])
-    assert r["totals"]["auto_dw_ms"] == pytest.approx(total)
+    total = sum(row["count"] * row["xla_cpu_dw_ms"] for row in r["layers"])
+    assert r["totals"]["xla_cpu_dw_ms"] == pytest.approx(total)
     assert "ratio" not in r
 
 
@@ -64,30 +64,31 @@ def test_console_table_lists_every_convolution(timed):
     printed, _ = timed
     text = conv_layers.table(printed)
     for label in ("32x32 3->16 3x3/1", "32x32 16->16 3x3/1", "16x16 32->64 3x3/2", "8x8 64->64 3x3/1",
-                  "auto dw", "xla fwd", "convolutions of a step"):
+                  "xla_cpu dw", "xla fwd", "convolutions of a step"):
         assert label in text
 
 
-def test_unknown_conv_impl_is_one_line(capsys):
+def test_unknown_implementation_is_one_line_and_the_old_name_still_works(capsys):
     with pytest.raises(SystemExit):
         conv_layers.parse_args(["--impls", "auto,cudnn"])
-    assert "unknown conv_impl 'cudnn' in --impls; allowed: xla, auto" in capsys.readouterr().err
+    assert "unknown implementation 'cudnn' in --impls; allowed: xla_cpu, xla" in capsys.readouterr().err
+    assert conv_layers.parse_args(["--impls", "auto,xla"]).impls == "xla_cpu,xla"
 
 
 def test_ratio_is_pytorchs_time_over_ours(monkeypatch, capsys):
     """The peer's bookkeeping, with a stand-in for PyTorch's kernels (torch is not a dependency)."""
     monkeypatch.setattr(conv_layers, "peer_available", lambda: True)
     monkeypatch.setattr(conv_layers, "torch_kernels", lambda conv: {k: (lambda: None) for k in conv_layers.KERNELS})
-    times = {"auto": 2.0, "torch": 1.0}
-    monkeypatch.setattr(conv_layers, "our_kernels", lambda conv, impl, platform: {"source": "auto"})
+    times = {"xla_cpu": 2.0, "torch": 1.0}
+    monkeypatch.setattr(conv_layers, "our_kernels", lambda conv, impl, platform: {"source": "xla_cpu"})
     monkeypatch.setattr(conv_layers, "time_kernels", lambda kernels, needs_input_grad, steps, warmup: {
-        k: times["auto" if "source" in kernels else "torch"] if k != "dx" or needs_input_grad else None
+        k: times["xla_cpu" if "source" in kernels else "torch"] if k != "dx" or needs_input_grad else None
         for k in conv_layers.KERNELS})
-    r = conv_layers.run(conv_layers.parse_args(["--model", "resnet8", "--batch", "2", "--impls", "auto"]))
-    assert r["sources"] == ["auto", "torch"]
-    assert r["totals"]["auto_ms"] == 2.0 * (3 * 7 - 1) and r["totals"]["torch_ms"] == 1.0 * (3 * 7 - 1)
-    assert r["ratio"] == {"auto": 0.5}
-    assert "ratio auto/PyTorch 0.50" in conv_layers.table(r)
+    r = conv_layers.run(conv_layers.parse_args(["--model", "resnet8", "--batch", "2", "--impls", "xla_cpu"]))
+    assert r["sources"] == ["xla_cpu", "torch"]
+    assert r["totals"]["xla_cpu_ms"] == 2.0 * (3 * 7 - 1) and r["totals"]["torch_ms"] == 1.0 * (3 * 7 - 1)
+    assert r["ratio"] == {"xla_cpu": 0.5}
+    assert "ratio xla_cpu/PyTorch 0.50" in conv_layers.table(r)
 
 
 def test_pytorchs_kernels_compute_the_same_convolution():

@@ -12,8 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_jax import models, optim
-from resnet_jax.sharding import global_batch, make_mesh
+from resnet_jax import models, optim, xla_cpu
+from resnet_jax.sharding import global_batch, make_mesh, mesh_platform
 from resnet_jax.train_state import init_train_state
 from resnet_jax.train_step import compile_train_step, forward_train, train_step
 from resnet_jax.trainer import flat_params
@@ -33,10 +33,13 @@ def batches(n_steps, batch=16, seed=0):
 
 
 def train_on(devices, ghost_batch_size, data):
+    """The state after `data`, each step compiled as training compiles it for `devices`."""
     model, schedule, tx = tiny_setup()
     mesh = make_mesh(devices)
     state = jax.jit(lambda: init_train_state(model, tx, 0))()
-    step = compile_train_step(mesh, model=model, tx=tx, schedule=schedule, ghost_batch_size=ghost_batch_size)
+    compiled, options = xla_cpu.specialize(model, mesh_platform(mesh))
+    step = compile_train_step(mesh, model=compiled, compiler_options=options, tx=tx, schedule=schedule,
+                              ghost_batch_size=ghost_batch_size)
     for b in data:
         state, _ = step(state, global_batch(b, mesh))
     return state
@@ -48,7 +51,7 @@ def test_one_and_eight_devices_give_the_same_parameters(ghost_batch_size):
     data = batches(3, batch=32)
     one = train_on(jax.devices()[:1], ghost_batch_size, data)
     eight = train_on(jax.devices(), ghost_batch_size, data)
-    # atol 1e-5: on CPU the CIFAR nets' convolutions run in Eigen's kernels (resnet_jax/models/conv.py), whose
+    # atol 1e-5: on CPU the CIFAR nets' convolutions run in Eigen's kernels (resnet_jax/xla_cpu/compiler.py), whose
     # summation order depends on the batch each device holds; three steps at lr 0.1 grow that float32 rounding
     # to 6e-6 here. BN statistics per device instead of global (ghost batches of 4) differ by 5e-3.
     np.testing.assert_allclose(flat_params(eight), flat_params(one), rtol=2e-5, atol=1e-5)

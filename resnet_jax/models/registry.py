@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from resnet_jax.models.blocks import SHORTCUTS, STRIDE_ON
-from resnet_jax.models.conv import CONV_IMPLS
 from resnet_jax.models.resnet import DTYPES, ResNet
 
 # Table 1 of the paper: blocks per stage (conv2_x .. conv5_x) and whether the block is a bottleneck.
@@ -30,7 +29,9 @@ _DEFAULTS = {
     "cifar": dict(num_classes=10, shortcut="A"),
 }
 _OPTIONS = ("shortcut", "num_classes", "stride_on", "zero_init_last_bn", "bn_momentum", "bn_epsilon", "dtype",
-            "conv_impl", "scan_blocks")
+            "scan_blocks")
+# Fields of ResNet that say how it is computed, not what: injected layers, never recorded in checkpoints.
+_INJECTED = ("conv", "pool")
 _NAME = re.compile(r"(resnet|plain)(\d+)")
 
 
@@ -56,7 +57,6 @@ def _validate(options: Mapping[str, Any]) -> None:
         "shortcut": (lambda v: v in SHORTCUTS, "A, B, C, plain"),
         "stride_on": (lambda v: v in STRIDE_ON, "1x1, 3x3"),
         "dtype": (lambda v: v in DTYPES, ", ".join(DTYPES)),
-        "conv_impl": (lambda v: v in CONV_IMPLS, ", ".join(CONV_IMPLS)),
         "num_classes": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
         "scan_blocks": (lambda v: isinstance(v, bool), "True, False"),
         "bn_momentum": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
@@ -74,7 +74,7 @@ def create(name: str, *, family: str | None = None, **options: Any) -> ResNet:
 
     `name` is resnet<depth> or plain<depth>; `family` ("imagenet" or "cifar") is inferred from the depth
     unless given. `options` override the paper's defaults: shortcut, num_classes, stride_on,
-    zero_init_last_bn, bn_momentum, bn_epsilon, dtype, conv_impl, scan_blocks.
+    zero_init_last_bn, bn_momentum, bn_epsilon, dtype, scan_blocks.
     """
     match = _NAME.fullmatch(str(name))
     if not match:
@@ -123,5 +123,7 @@ def input_shape(model: ResNet) -> tuple[int, int, int]:
 
 
 def model_options(model: ResNet) -> dict[str, Any]:
-    """The fields that rebuild `model` with `ResNet(**fields)`; handy for comparing checkpoints."""
-    return {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in ("parent", "name")}
+    """The architecture: the fields that rebuild `model` with `ResNet(**fields)`, less injected layers. What a
+    checkpoint records and compares on resume."""
+    return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+            if f.name not in ("parent", "name", *_INJECTED)}

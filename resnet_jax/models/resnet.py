@@ -1,15 +1,13 @@
 """The network of Table 1 (ImageNet) and section 4.2 (CIFAR): a stem, stages of residual blocks, a head."""
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from resnet_jax.models.blocks import ResidualBlock, symmetric_padding
-from resnet_jax.models.conv import conv_function
-from resnet_jax.models.pool import pool_function
+from resnet_jax.models.blocks import ModuleDef, ResidualBlock, symmetric_padding
 
 Array = Any
 
@@ -37,10 +35,9 @@ class RepeatedBlock(nn.Module):
 class ResNet(nn.Module):
     """A residual (or plain) network; every named network is this module with a row of the stage table.
 
-    Parameters stay float32; `dtype` is the compute dtype. Logits are returned in float32. `conv_impl`:
-    "auto" computes the convolutions' weight gradients as matrix products and the stem's max-pool gradient
-    with strided pads on CPUs (faster there, same result within float32 rounding), "xla" leaves every
-    gradient to XLA (resnet_jax/models/conv.py, pool.py).
+    Parameters stay float32; `dtype` is the compute dtype. Logits are returned in float32. `conv` and `pool`
+    are the convolution module and the max pooling, fields so that a caller can inject its own, as the flax
+    ImageNet example does; they are not part of the architecture and checkpoints do not record them.
 
     `scan_blocks` runs blocks 2..n of each stage, which all have the same shapes, as one `nn.scan`: XLA
     compiles one block per stage instead of n, which is what makes ResNet-1202 compile in seconds rather than
@@ -59,15 +56,14 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: str = "float32"
-    conv_impl: str = "auto"
     scan_blocks: bool = False
+    conv: ModuleDef = nn.Conv
+    pool: Callable[..., Array] = nn.max_pool
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         dtype = DTYPES[self.dtype]
-        # conv_impl changes how the CPU computes the weight gradient, never the parameters or the function.
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype, kernel_init=he_normal,
-                                 conv_general_dilated=conv_function(self.conv_impl))
+        conv = functools.partial(self.conv, use_bias=False, dtype=dtype, kernel_init=he_normal)
         norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                                  epsilon=self.bn_epsilon, dtype=dtype)
 
@@ -76,7 +72,7 @@ class ResNet(nn.Module):
             x = conv(self.stage_widths[0], (7, 7), (2, 2), padding=symmetric_padding(7), name="stem_conv")(x)
             x = nn.relu(norm(name="stem_bn")(x))
             # Padding with -inf or 0 is the same after a ReLU; -inf is what max_pool pads with.
-            x = pool_function(self.conv_impl)(x, (3, 3), (2, 2), symmetric_padding(3))
+            x = self.pool(x, (3, 3), (2, 2), padding=symmetric_padding(3))
         else:
             x = conv(self.stage_widths[0], (3, 3), padding=symmetric_padding(3), name="stem_conv")(x)
             x = nn.relu(norm(name="stem_bn")(x))

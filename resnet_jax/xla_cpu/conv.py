@@ -1,27 +1,25 @@
-"""The network's convolution: XLA's, with the weight gradient computed as a matrix product on the CPU.
+"""XLA's convolution with the weight gradient computed as a product of patches, for XLA:CPU.
 
 The forward pass and the input gradient are XLA's own. For the weight gradient (the "backward-filter"
 convolution) XLA:CPU transposes the activation and the output gradient to put the channels first, and in a
-whole train step those transposes (re-fused with the BN and ReLU arithmetic that produces their inputs) cost
-more than every convolution of the step (README, "Speed"). `conv_impl="auto"` computes it instead as the
-product of the input's patches (the k*k shifted views of the padded input, side by side along the channels)
-with the output gradient, over chunks of the batch so that a chunk's patches stay in cache: no transpose of a
-whole activation. It is the same sum of products in another order, equal to XLA's within float32 rounding
-(tests/test_conv.py). On GPU and TPU the compiled program keeps XLA's own gradient.
+whole train step those transposes cost more than every convolution of the step. `conv_general_dilated` computes
+it instead as the product of the input's patches (the k*k shifted views of the padded input, side by side along
+the channels) with the output gradient, over chunks of the batch so that a chunk's patches stay in cache. It is
+the same sum of products in another order, equal to XLA's within float32 rounding (tests/test_xla_cpu.py).
 
-Plugged into `flax.linen.Conv(conv_general_dilated=...)`, so parameters keep their names and shapes.
+A `custom_vjp`, so it has no forward-mode derivative: it is for compiled train steps on a CPU, never part of the
+model (`resnet_jax.xla_cpu.specialize` puts it in). Plugged into `flax.linen.Conv(conv_general_dilated=...)`,
+so parameters keep their names and shapes. Measurements: docs/performance.md.
 """
 
 import functools
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-CONV_IMPLS = ("xla", "auto")
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -44,8 +42,7 @@ def patches(x: jax.Array, kernel: tuple[int, int], strides: tuple[int, int], pad
 
     Built in two stacks of kw and then kh views along an axis before the channels, not as one concatenation
     of kh*kw views along the channels: XLA:CPU fuses no concatenation of more than 8 operands nor one along
-    the minor dimension (128 or more wide), so the flat form ran as kh*kw copies plus a concatenation that
-    wrote every patch twice (ResNet-20 at 128: 10 kernels a chunk; two stacks: 3 fused ones, +5-10% a step).
+    the minor dimension, so the flat form would write every patch twice.
     """
     (kh, kw), (sh, sw), (ho, wo) = kernel, strides, out_hw
     if any(lo or hi for lo, hi in pads):
@@ -56,8 +53,7 @@ def patches(x: jax.Array, kernel: tuple[int, int], strides: tuple[int, int], pad
 
 
 # Patch bytes per chunk: small enough that a chunk's patches stay in the last-level cache between being
-# written and being multiplied, large enough that each matrix product keeps both cores busy (2-8 MiB measured
-# alike on a 2-core EPYC, 16 MiB and unchunked 25-35% slower, see README "Speed").
+# written and being multiplied, large enough that each matrix product keeps every core busy.
 CHUNK_BYTES = 4 << 20
 
 
@@ -74,7 +70,7 @@ def _dy_first(w_shape: Sequence[int]) -> bool:
     """Whether to compute dy^T @ patches (else patches^T @ dy): the product's kernel reads its second operand
     as written and XLA:CPU transposes the first, so the smaller per pixel goes first (dy for a 3x3 kernel,
     9 C_in against C_out; the input for a 1x1 kernel that widens, C_in against 4 C_in). Transposing the
-    larger instead copies every chunk's patches once more: 15-25% slower a 3x3 layer (README "Speed")."""
+    larger instead would copy every chunk's patches once more."""
     kh, kw, c_in, c_out = w_shape
     return kh * kw * c_in >= c_out
 
@@ -125,15 +121,7 @@ def _fwd(x, w, strides, pads):
 def _bwd(strides, pads, residuals, dy):
     x, w = residuals
     dx = jax.linear_transpose(lambda x_: _conv(x_, w, strides, pads), x)(dy)[0]
-
-    def xla_dw(x, dy):
-        return jax.linear_transpose(lambda w_: _conv(x, w_, strides, pads), w)(dy)[0]
-
-    def patch_dw(x, dy):
-        return patch_weight_grad(x, dy, w.shape, strides, pads).astype(w.dtype)
-
-    # Traced for every platform, compiled for the one the program runs on: GPUs and TPUs keep XLA's gradient.
-    dw = lax.platform_dependent(x, dy, cpu=patch_dw, default=xla_dw)
+    dw = patch_weight_grad(x, dy, w.shape, strides, pads).astype(w.dtype)
     return dx, dw
 
 
@@ -157,43 +145,3 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                                         preferred_element_type)
     strides = tuple(int(s) for s in window_strides)
     return _conv_fast_wgrad(lhs, rhs, strides, _pads(padding, lhs.shape, rhs.shape, strides))
-
-
-def conv_function(impl: str) -> Callable[..., jax.Array]:
-    """The function `flax.linen.Conv` should call for `conv_impl`."""
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"unknown conv_impl {impl!r}; allowed: {', '.join(CONV_IMPLS)}")
-    return lax.conv_general_dilated if impl == "xla" else conv_general_dilated
-
-
-# XLA:CPU (jax 0.10) sends the forward and input-gradient convolutions to YNNPACK by default, which splits a
-# convolution's work over 64-channel tiles of its output: every convolution with at most 64 output channels
-# (all of CIFAR's, ResNet-50's at 56x56, the stem) runs on one thread. Eigen's kernels use every core and are
-# faster for the wider ones too: ResNet-20 at 128 +12%, ResNet-18 and ResNet-50 at 32 +20-25% a train step
-# (README "Speed"). Only the fusion list changes, so the program computes the same function.
-_YNN_FUSIONS = "xla_cpu_experimental_ynn_fusion_type"
-# XLA's default YNN fusion list less INDIVIDUAL_CONVOLUTION (XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=
-# -individual_convolution compiles the same program). Keeping REDUCE matters: XLA's own reductions sum BN's
-# statistics in another order, and the parameters then drift from the defaults' by 1e-4 within three steps.
-CPU_OPTIONS = {_YNN_FUSIONS: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
-
-
-@functools.cache
-def _accepted(options: tuple[tuple[str, str], ...]) -> bool:
-    """Whether this jaxlib's CPU compiler knows the options (their names change between XLA versions)."""
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(jnp.zeros((), jnp.float32)).compile()
-    except Exception:  # noqa: BLE001 - XLA reports unknown options as assorted runtime errors
-        return False
-    return True
-
-
-def compiler_options(conv_impl: str, platform: str) -> dict[str, str] | None:
-    """XLA options for compiling a network's steps: `CPU_OPTIONS` for `conv_impl="auto"` on a CPU, else None
-    (XLA's defaults, which `conv_impl="xla"`, the straightforward formulation, keeps everywhere).
-
-    A YNN fusion list the user gives in XLA_FLAGS wins.
-    """
-    if conv_impl != "auto" or platform != "cpu" or _YNN_FUSIONS in os.environ.get("XLA_FLAGS", ""):
-        return None
-    return dict(CPU_OPTIONS) if _accepted(tuple(CPU_OPTIONS.items())) else None

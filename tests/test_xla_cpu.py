@@ -1,5 +1,7 @@
-"""conv_impl="auto" computes the same function and the same gradients as XLA's convolution and max pooling
-(issue 6: every speed change keeps the math)."""
+"""The XLA:CPU layer computes the same function and the same gradients as XLA's convolution and max pooling
+(every speed change keeps the math), and it is applied only where a step is compiled for a CPU."""
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -9,12 +11,11 @@ import optax
 import pytest
 from jax import lax
 
-import resnet_jax.train_step
-from resnet_jax import models, optim
-from resnet_jax.models import conv, pool
+from resnet_jax import models, optim, xla_cpu
 from resnet_jax.sharding import make_mesh
 from resnet_jax.train_state import init_train_state
-from resnet_jax.train_step import compile_train_step, compiler_options
+from resnet_jax.train_step import compile_eval_step, compile_train_step
+from resnet_jax.xla_cpu import compiler, conv, pool
 
 SYMMETRIC = models.blocks.symmetric_padding
 
@@ -119,26 +120,38 @@ def test_unusual_convolutions_fall_back_to_lax():
     assert jnp.array_equal(got, want)
 
 
-def test_conv_impl_keeps_parameters_and_is_validated():
-    a = models.abstract_variables(models.create("resnet50", conv_impl="xla"))
-    b = models.abstract_variables(models.create("resnet50", conv_impl="auto"))
+def test_specialize_swaps_only_the_default_layers_on_a_cpu():
+    model = models.create("resnet50")
+    cpu, options = xla_cpu.specialize(model, "cpu")
+    assert cpu.pool is pool.max_pool and cpu.conv.keywords == {"conv_general_dilated": conv.conv_general_dilated}
+    assert options == compiler.CPU_OPTIONS
+    assert models.model_options(cpu) == models.model_options(model)  # the same architecture, the same record
+    a, b = models.abstract_variables(model), models.abstract_variables(cpu)
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda u, v: u.shape == v.shape, a, b)))
-    with pytest.raises(ValueError, match="conv_impl"):
-        models.create("resnet20", conv_impl="fast")
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda u, v: u.shape == v.shape, a, b))
+    own = model.clone(conv=functools.partial(nn.Conv, precision="highest"))  # a caller's own convolution stays
+    assert xla_cpu.specialize(own, "cpu")[0].conv is own.conv
 
 
-def one_sgd_step(name: str, image: int, conv_impl: str, options: dict[str, str] | None):
-    """(state, metrics) after one SGD step of `name`, compiled as training compiles it but with `options`."""
+@pytest.mark.parametrize("platform", ["gpu", "tpu", "cuda", "rocm"])
+def test_specialize_changes_nothing_off_the_cpu(platform):
+    model = models.create("resnet50")
+    assert xla_cpu.specialize(model, platform) == (model, None)
+    assert xla_cpu.specialize(model, "cpu", enabled=False) == (model, None)
+
+
+def one_sgd_step(name: str, image: int, layer: bool, options: dict[str, str] | None):
+    """(state, metrics) after one SGD step of `name`, with or without the layer's gradients, compiled with
+    `options`."""
     tx = optim.sgd(optax.constant_schedule(0.1))
     mesh = make_mesh(jax.devices()[:1])
     batch = {"image": jax.random.normal(jax.random.key(2), (8, image, image, 3)),
              "label": jnp.arange(8, dtype=jnp.int32) % 10}
-    model = models.create(name, conv_impl=conv_impl, num_classes=10)
+    model = models.create(name, num_classes=10)
     state = init_train_state(model, tx, seed=0, image_shape=(image, image, 3))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(resnet_jax.train_step, "compiler_options", lambda mesh, model: options)
-        step = compile_train_step(mesh, model=model, tx=tx, schedule=optax.constant_schedule(0.1))
+    if layer:
+        model, _ = xla_cpu.specialize(model, "cpu")
+    step = compile_train_step(mesh, model=model, compiler_options=options, tx=tx, schedule=optax.constant_schedule(0.1))
     return step(state, batch)
 
 
@@ -151,12 +164,12 @@ def assert_same_step(a, b, params_atol: float = 1e-6):
 
 
 @pytest.mark.parametrize("name, image", [("resnet20", 16), ("resnet18", 64)])
-def test_train_step_is_the_same_with_either_conv(name, image):
+def test_train_step_is_the_same_with_the_layers_gradients(name, image):
     """One SGD step of a whole network (CIFAR basic blocks with option A; ImageNet stem, max-pool, stride-2
-    and projection shortcuts) with "auto"'s gradients and with XLA's, both compiled with the CPU compiler
-    options "auto" brings (resnet_jax.train_step.compiler_options): same loss, gradient norm and parameters."""
-    options = compiler_options(make_mesh(jax.devices()[:1]), models.create(name))  # None off the CPU
-    assert_same_step(one_sgd_step(name, image, "auto", options), one_sgd_step(name, image, "xla", options))
+    and projection shortcuts) with the layer's gradients and with XLA's, both compiled with the layer's
+    compiler options: same loss, gradient norm and parameters."""
+    options = compiler.compiler_options()
+    assert_same_step(one_sgd_step(name, image, True, options), one_sgd_step(name, image, False, options))
 
 
 def test_cpu_compiler_options_keep_the_function():
@@ -164,11 +177,11 @@ def test_cpu_compiler_options_keep_the_function():
     ResNet-20 is the same with them. (Through a max-pool the comparison is chaotic: a float32 rounding that
     flips a ReLU or a window's maximum reroutes that gradient, so ResNet-18's parameters after one step differ
     by up to 5.5e-4 while its loss and gradient norm agree; measured 2026-11-29.)"""
-    straightforward = one_sgd_step("resnet20", 16, "xla", None)
-    assert_same_step(one_sgd_step("resnet20", 16, "xla", conv.CPU_OPTIONS), straightforward)
-    assert_same_step(one_sgd_step("resnet20", 16, "auto", conv.CPU_OPTIONS), straightforward)
-    assert_same_step(one_sgd_step("resnet18", 64, "auto", conv.CPU_OPTIONS), one_sgd_step("resnet18", 64, "xla", None),
-                     params_atol=2e-3)
+    straightforward = one_sgd_step("resnet20", 16, False, None)
+    assert_same_step(one_sgd_step("resnet20", 16, False, compiler.CPU_OPTIONS), straightforward)
+    assert_same_step(one_sgd_step("resnet20", 16, True, compiler.CPU_OPTIONS), straightforward)
+    assert_same_step(one_sgd_step("resnet18", 64, True, compiler.CPU_OPTIONS),
+                     one_sgd_step("resnet18", 64, False, None), params_atol=2e-3)
 
 
 def test_bfloat16_weight_gradient_close_to_float32():
@@ -184,31 +197,28 @@ def test_bfloat16_weight_gradient_close_to_float32():
     assert rel_err(dw16.astype(jnp.float32), dw32) < 0.02
 
 
-def test_cpu_compiler_options_only_for_auto_on_cpu(monkeypatch):
+def test_users_own_ynn_fusion_list_wins(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    cpu = make_mesh(jax.devices("cpu")[:1])
-    for name in ("resnet20", "plain56", "resnet18", "resnet50"):
-        assert compiler_options(cpu, models.create(name)) == conv.CPU_OPTIONS, name
-    assert compiler_options(cpu, models.create("resnet20", conv_impl="xla")) is None  # the straightforward one
-    assert conv.compiler_options("auto", "gpu") is None
+    assert compiler.compiler_options() == compiler.CPU_OPTIONS
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=-dot")
-    assert compiler_options(cpu, models.create("resnet20")) is None  # the user's own list wins
+    assert compiler.compiler_options() is None
+    assert xla_cpu.specialize(models.create("resnet20"), "cpu")[1] is None
 
 
-def test_cpu_compiler_options_reach_the_compiler(monkeypatch):
+def test_cpu_compiler_options_reach_the_compiler():
     """This jaxlib knows the options (a rename upstream would silently lose the speed-up), and the train and
-    eval steps hand theirs to XLA: a bad value there fails their compilation."""
-    assert conv._accepted(tuple(conv.CPU_OPTIONS.items()))
-    assert not conv._accepted(((conv._YNN_FUSIONS, "NOT_A_FUSION_TYPE"),))
-    from resnet_jax import train_step as ts
-    monkeypatch.setattr(ts, "compiler_options", lambda mesh, model: {conv._YNN_FUSIONS: "NOT_A_FUSION_TYPE"})
+    eval steps hand the options they are given to XLA: a bad value there fails their compilation."""
+    assert compiler.accepted(tuple(compiler.CPU_OPTIONS.items()))
+    assert not compiler.accepted(((compiler.YNN_FUSIONS, "NOT_A_FUSION_TYPE"),))
+    bad = {compiler.YNN_FUSIONS: "NOT_A_FUSION_TYPE"}
     model = models.create("resnet20", num_classes=10)
     tx = optim.sgd(optax.constant_schedule(0.1))
     state = init_train_state(model, tx, seed=0, image_shape=(8, 8, 3))
     batch = {"image": jnp.zeros((2, 8, 8, 3)), "label": jnp.zeros((2,), jnp.int32)}
-    mesh = make_mesh(jax.devices()[:1])
-    for step in (ts.compile_train_step(mesh, model=model, tx=tx, schedule=optax.constant_schedule(0.1)),
-                 ts.compile_eval_step(mesh, model)):
+    mesh = make_mesh(jax.devices("cpu")[:1])
+    for step in (compile_train_step(mesh, model=model, compiler_options=bad, tx=tx,
+                                    schedule=optax.constant_schedule(0.1)),
+                 compile_eval_step(mesh, model, bad)):
         with pytest.raises(Exception, match="NOT_A_FUSION_TYPE"):
             step.lower(state, batch).compile()
 

@@ -9,14 +9,14 @@ import textwrap
 
 import pytest
 
-from resnet_jax import host_memory
+from resnet_jax.xla_cpu import malloc
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 STEPS = textwrap.dedent("""
     import resource, statistics
-    from resnet_jax import host_memory
-    applied = host_memory.retain_freed_memory()
+    from resnet_jax.xla_cpu import malloc
+    applied = malloc.retain_freed_memory()
     import jax, jax.numpy as jnp
     double = jax.jit(lambda x: x * 2)
     x = jnp.ones((32, 1024, 1024), jnp.float32)  # 128 MiB: over glibc's largest mmap threshold
@@ -31,7 +31,7 @@ STEPS = textwrap.dedent("""
 
 def page_faults_per_step(setting: str) -> tuple[str, int]:
     """Whether the setting applied, and the median step's page faults."""
-    env = {"PATH": "", "JAX_PLATFORMS": "cpu", host_memory.OPT_OUT_ENV: setting}
+    env = {"PATH": "", "JAX_PLATFORMS": "cpu", malloc.OPT_OUT_ENV: setting}
     out = subprocess.run([sys.executable, "-c", STEPS], env=env, cwd=ROOT, capture_output=True, text=True,
                          check=True, timeout=300).stdout.split()
     return out[0], int(out[1])
@@ -51,11 +51,11 @@ def test_retained_memory_is_reused_without_page_faults():
 
 @pytest.mark.parametrize("platforms, expected", [("cpu", True), ("cuda,cpu", False), ("tpu", False)])
 def test_jax_platforms_decides_the_backend(platforms, expected):
-    assert host_memory.computes_on_cpu({"JAX_PLATFORMS": platforms}) is expected
+    assert malloc.computes_on_cpu({"JAX_PLATFORMS": platforms}) is expected
 
 
 def test_opt_out_and_bad_setting():
-    assert host_memory.retain_freed_memory({host_memory.OPT_OUT_ENV: "default"}) is False
+    assert malloc.retain_freed_memory({malloc.OPT_OUT_ENV: "default"}) is False
     with pytest.raises(ValueError, match=r"RESNET_JAX_HOST_MALLOC='keep'; allowed: retain, default"):
-        host_memory.retain_freed_memory({host_memory.OPT_OUT_ENV: "keep"})
-    assert host_memory.retain_freed_memory({"JAX_PLATFORMS": "tpu"}) is False
+        malloc.retain_freed_memory({malloc.OPT_OUT_ENV: "keep"})
+    assert malloc.retain_freed_memory({"JAX_PLATFORMS": "tpu"}) is False

@@ -1,22 +1,21 @@
-"""The ImageNet stem's max pooling, with a gradient that XLA:CPU computes quickly.
+"""Max pooling with a gradient that XLA:CPU computes quickly, for the ImageNet stem.
 
-XLA:CPU expands the max-pool gradient (select-and-scatter) into a reduce-window over the padded input
-carrying four int32 index maps of its size: about 0.45 s of a 9 s ResNet-50 step at batch 32 on a 2-core CPU.
-`max_pool` routes each output's gradient to the first maximum of its window in row-major order, which is
-the element XLA's select (>=) picks, with one comparison and one strided pad per window tap: 3x faster for
-the stem's [32, 112, 112, 64] map, the same selection, and where windows overlap the same sum within float32
-rounding (tests/test_conv.py). GPUs and TPUs keep XLA's gradient.
+XLA:CPU expands the max-pool gradient (select-and-scatter) into a reduce-window over the padded input carrying
+four int32 index maps of its size. `max_pool` routes each output's gradient to the first maximum of its window in
+row-major order, which is the element XLA's select (>=) picks, with one comparison and one strided pad per window
+tap: the same selection, and where windows overlap the same sum within float32 rounding (tests/test_xla_cpu.py).
+A `custom_vjp` for compiled CPU train steps only (`resnet_jax.xla_cpu.specialize`); measurements:
+docs/performance.md.
 """
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from resnet_jax.models.conv import Pads
+from resnet_jax.xla_cpu.conv import Pads
 
 
 def _pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int], pads: Pads) -> jax.Array:
@@ -56,28 +55,17 @@ def _fwd(x, window, strides, pads):
 
 def _bwd(window, strides, pads, residuals, dy):
     x, y = residuals
-
-    def xla_grad(x, dy):
-        return jax.vjp(lambda x_: _pool(x_, window, strides, pads), x)[1](dy)[0]
-
-    def ours(x, y, dy):
-        return first_max_grad(x, y, dy, window, strides, pads)
-
-    # Traced for every platform, compiled for the one the program runs on, as in conv.py.
-    return (lax.platform_dependent(x, y, dy, cpu=ours, default=lambda x, y, dy: xla_grad(x, dy)),)
+    return (first_max_grad(x, y, dy, window, strides, pads),)
 
 
 _max_pool.defvjp(_fwd, _bwd)
 
 
-def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int], padding: Sequence[tuple[int, int]]
-             ) -> jax.Array:
-    """`flax.linen.max_pool` for NHWC input with explicit padding, with the CPU gradient above."""
-    return _max_pool(x, tuple(window), tuple(strides), tuple((int(lo), int(hi)) for lo, hi in padding))
-
-
-def pool_function(impl: str) -> Callable[..., jax.Array]:
-    """The max pooling a network with `conv_impl=impl` uses: flax's for "xla", `max_pool` for "auto"."""
-    if impl == "xla":
-        return lambda x, window, strides, padding: nn.max_pool(x, window, strides, padding=padding)
-    return max_pool
+def max_pool(inputs: jax.Array, window_shape: Sequence[int], strides: Sequence[int] | None = None,
+             padding: str | Sequence[tuple[int, int]] = "VALID") -> jax.Array:
+    """`flax.linen.max_pool` for NHWC input, with the CPU gradient above."""
+    window = tuple(int(k) for k in window_shape)
+    strides = tuple(int(s) for s in strides) if strides is not None else (1,) * len(window)
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(inputs.shape[1:3], window, strides, padding)
+    return _max_pool(inputs, window, strides, tuple((int(lo), int(hi)) for lo, hi in padding))

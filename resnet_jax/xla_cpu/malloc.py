@@ -1,17 +1,15 @@
 """Keeping freed host memory in the process, so that XLA:CPU's steps stop faulting their buffers in anew.
 
-XLA:CPU (jax 0.10) mallocs each step's buffers and frees them when the step ends; Eigen's convolutions do the
-same with their scratch. glibc serves a block over 32 MiB, or any block a worker thread's own 64 MiB arena cannot
-hold, with a fresh mmap and unmaps it on free, so every step faults in and zeroes its whole working set again:
-74,000 page faults and 150 ms of kernel time per ResNet-20 step at batch 128 (18% of the process' CPU time),
-1.26 million faults and 2.6 s per ResNet-50 step at batch 32 (README "Speed"). One arena that grows with brk and
-never gives memory back lets each step reuse the last step's pages. The price is resident memory: freed blocks
-stay mapped, and a single heap fragments (peak RSS 0.9 -> 1.2-1.5 GiB for ResNet-20 at 128, 5.3 -> 5.3-12.9 GiB
-for ResNet-50 at 32, varying with thread timing).
+XLA:CPU mallocs each step's buffers and frees them when the step ends. glibc serves a block over 32 MiB, or any
+block a worker thread's own arena cannot hold, with a fresh mmap and unmaps it on free, so every step would fault
+in and zero its whole working set again. One arena that grows with brk and never gives memory back lets each
+step reuse the last step's pages, at the price of resident memory (freed blocks stay mapped). Measurements:
+docs/performance.md.
 
-`retain_freed_memory()` is what `launch.py`, `experiments/reproduce.py` and `resnet_jax.benchmark` call first.
-It only acts where it pays: glibc, a process that will compute on the CPU, and before JAX starts its CPU backend
-(a thread keeps the arena it first allocated from). RESNET_JAX_HOST_MALLOC=default keeps glibc's behaviour.
+`retain_freed_memory()` is what `launch.py`, `experiments/reproduce.py` and `resnet_jax.benchmark` call first
+when the CPU layer is on. It only acts where it pays: glibc, a process that will compute on the CPU, and before
+JAX starts its CPU backend (a thread keeps the arena it first allocated from). RESNET_JAX_HOST_MALLOC=default
+keeps glibc's behaviour.
 """
 
 import ctypes
@@ -71,7 +69,7 @@ def release_freed_memory() -> bool:
     """Hands the heap's free pages back to the kernel (glibc's malloc_trim); whether any were.
 
     The benchmark calls it before the PyTorch peer runs: memory this process keeps but does not use would
-    otherwise leave the peer less free memory to fault its own buffers into (25% slower ResNet-50 steps).
+    otherwise leave the peer less free memory to fault its own buffers into.
     """
     libc = _glibc()
     return libc is not None and bool(libc.malloc_trim(0))
