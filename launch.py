@@ -12,6 +12,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from resnet_jax import config as config_lib
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard events.")
@@ -29,6 +31,25 @@ flags.DEFINE_integer("process_id", None, "This process' index, with --coordinato
 flags.mark_flag_as_required("config")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad config file or override answered in one line instead of a traceback."""
+    try:
+        remaining = FLAGS(argv)
+        FLAGS.config.keys()  # ml_collections defers a failed load until the config is first read
+        return remaining
+    except flags.Error as e:  # an unknown or malformed flag
+        sys.exit(f"error: {str(e).splitlines()[0]}")
+    except SyntaxError as e:  # the config file's own
+        sys.exit(f"error: config file {e.filename}, line {e.lineno}: {e.msg}")
+    except Exception as e:  # noqa: BLE001 - ml_collections reports a missing file, a missing get_config or an
+        sys.exit(f"error: {config_lib.load_error(e, config_path(argv))}")  # unknown field: assorted types
+
+
+def config_path(argv: list[str]) -> str:
+    return next((a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv)
+                 if a.split("=", 1)[0] == "--config" and ("=" in a or i + 1 < len(argv))), "?")
+
+
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
@@ -37,6 +58,8 @@ def main(argv: list[str]) -> None:
 
     config = legacy.upgrade_config(FLAGS.config)
     try:
+        if FLAGS.max_steps is not None and FLAGS.max_steps <= 0:
+            raise ValueError(f"--max_steps is {FLAGS.max_steps}; allowed: a positive number of steps")
         if config.get("xla_cpu_layer", True):
             # First, while no JAX or TensorFlow thread has allocated: on XLA:CPU, steps reuse their buffers' pages.
             malloc.retain_freed_memory()
@@ -50,15 +73,15 @@ def main(argv: list[str]) -> None:
         initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         from resnet_jax import trainer
 
-        run = trainer.Run(config, FLAGS.workdir)
+        run = trainer.Run(config, FLAGS.workdir, writable=FLAGS.mode == "train")
         if FLAGS.mode == "train":
             print(models.describe(run.model, config.model.name), flush=True)
             run.train(stop_after=FLAGS.max_steps)
         else:
-            run.evaluate(run.initial_state())
-    except (ValueError, FloatingPointError, FileNotFoundError) as e:
+            run.evaluate(run.initial_state(fresh=False))
+    except (ValueError, FloatingPointError, OSError, RuntimeError) as e:  # OSError: FileNotFoundError, full disk
         sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6's GPU goals on one NVIDIA H100, prepared and not yet run (the machine this was written on has no GPU).
+# The GPU goals (docs/performance.md) on one NVIDIA H100 or H200, prepared and not yet run on one.
 #
 #   pip install -r requirements.txt 'jax[cuda12]==0.10.2'   # and, for the peer, a CUDA torch + torchvision
 #   bash experiments/gpu_benchmark.sh [outdir]              # FULL_CIFAR=1 also trains ResNet-56 for 64k steps

@@ -1,4 +1,4 @@
-"""Prints the README's table of every network: parameters and forward multiply-adds, ours beside the paper's.
+"""Prints the table of every network in docs/models.md: parameters and forward multiply-adds, ours beside the paper's.
 
     python -m experiments.model_table
 """

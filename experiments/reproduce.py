@@ -5,7 +5,9 @@ the runs' own logs (never from numbers typed in).
     python -m experiments.reproduce cifar_table --budget 1.0 --seeds 5  # Table 6 (accelerator)
     python -m experiments.reproduce shortcuts --budget 0.01             # Table 3's A/B/C idea, on CIFAR
     python -m experiments.reproduce degradation --render-only           # redraw from finished runs
-    python -m experiments.reproduce imagenet --budget 1 --depths 18 34  # Tables 2 and 3 (a pod; see README)
+    python -m experiments.reproduce imagenet --budget 1 --depths 18 34  # Tables 2 and 3 (a pod; docs/results.md)
+    python -m experiments.reproduce convergence --budget 0.1 --control   # ResNet-20 beside a PyTorch control
+    python -m experiments.reproduce default_job --seeds 5                # the default job's seed spread
 
 `--budget` is the fraction of the paper's schedule (64k iterations of 128 on CIFAR-10, 600k of 256 on
 ImageNet); the learning-rate boundaries are
@@ -23,13 +25,16 @@ import pathlib
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "experiments" / "configs" / "cifar10"  # RunSpec.config is relative to it, or "imagenet/..."
-EXPERIMENTS = ("degradation", "cifar_table", "shortcuts", "imagenet")
+EXPERIMENTS = ("degradation", "cifar_table", "shortcuts", "imagenet", "convergence", "default_job")
+CIFAR_STEPS = 64_000  # the paper's schedule on CIFAR-10: --budget 1
 
 # Table 6 of the paper, CIFAR-10 test error (%); ResNet-110 is "best (mean +- std)" of 5 runs: 6.43 (6.61+-0.16).
 PAPER_TEST_ERROR = {"resnet20": 8.75, "resnet32": 7.51, "resnet44": 7.17, "resnet56": 6.97, "resnet110": 6.43,
@@ -53,7 +58,11 @@ class RunSpec:
     seed: int = 0
 
 
-def experiment_runs(name: str, depths: Sequence[int], seeds: int) -> list[RunSpec]:
+def experiment_runs(name: str, depths: Sequence[int], seeds: int, budget: float = 1.0) -> list[RunSpec]:
+    if name == "convergence":  # one run per budget, beside the earlier budgets' runs in the same directory
+        return [RunSpec(f"resnet{d}_budget{budget:g}", f"resnet{d}.py") for d in depths]
+    if name == "default_job":
+        return [RunSpec(f"quick_seed{s}", "quick.py", seed=s) for s in range(seeds)]
     if name == "degradation":
         return [RunSpec(f"{kind}{d}", f"{kind}{d}.py") for kind in ("plain", "resnet") for d in depths]
     if name == "cifar_table":
@@ -71,6 +80,7 @@ def experiment_runs(name: str, depths: Sequence[int], seeds: int) -> list[RunSpe
 
 
 DEFAULT_DEPTHS = {"degradation": (20, 56), "cifar_table": (20, 32, 44, 56, 110), "shortcuts": (20,),
+                  "convergence": (20,), "default_job": (20,),
                   "imagenet": (18, 34, 50, 101, 152)}
 
 
@@ -142,6 +152,7 @@ def train_runs(runs: list[RunSpec], out: pathlib.Path, budget: float, extra: dic
         info = workdir / "run.json"
         earlier = json.loads(info.read_text()).get("seconds", 0.0) if info.exists() else 0.0
         info.write_text(json.dumps({
+            "implementation": f"resnet_jax (JAX {jax.__version__})",
             "config": spec.config, "overrides": dict(spec.overrides), "seed": config.seed, "budget": budget,
             "num_train_steps": config.num_train_steps, "batch_size": config.batch_size,
             "extra": extra, "seconds": round(earlier + time.perf_counter() - start, 1),
@@ -230,7 +241,8 @@ def render_table(runs: list[RunSpec], out: pathlib.Path, name: str) -> str:
     for network, results in groups.items():
         tests = [r["test_error"] for r in results]
         trains = [r["train_error"] for r in results]
-        spread = f" +- {statistics.stdev(tests):.2f} (best {min(tests):.2f})" if len(tests) > 1 else ""
+        spread = f" +- {statistics.stdev(tests):.2f} (min {min(tests):.2f}, max {max(tests):.2f})" \
+            if len(tests) > 1 else ""
         paper = PAPER_TEST_ERROR.get(network.split("_")[0]) if name != "degradation" or "resnet" in network else None
         rows.append({"network": network, "runs": len(results), "steps": results[0]["steps"],
                      "train_error_%": f"{statistics.mean(trains):.2f}",
@@ -253,6 +265,40 @@ def write_table(rows: list[dict[str, Any]], out: pathlib.Path, name: str) -> str
     return table
 
 
+def train_control(depth: int, budget: float, out: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """The PyTorch control (experiments/torch_cifar.py) at `budget`, logging and evaluating as our runs do, in a
+    process of its own; resumes where it stopped."""
+    steps = max(1, round(CIFAR_STEPS * budget))
+    workdir = out / f"torch_resnet{depth}_budget{budget:g}"
+    print(f"== {workdir.name}: {steps} steps of 128 -> {workdir}", flush=True)
+    subprocess.run([sys.executable, "-m", "experiments.torch_cifar", "--workdir", str(workdir), "--steps", str(steps),
+                    "--depth", str(depth), "--seed", str(seed), "--log-every", str(max(1, steps // 40)),
+                    "--eval-every", str(max(1, steps // 10))], check=True, cwd=ROOT)
+    return workdir
+
+
+def render_convergence(out: pathlib.Path) -> str:
+    """Every finished run in `out` (ours and the PyTorch controls, any budget): table and curves."""
+    workdirs = sorted(p for p in out.iterdir() if (p / "run.json").exists() and (p / "metrics.jsonl").exists())
+    if not workdirs:
+        raise ValueError(f"no finished run in {out}")
+    rows = []
+    for workdir in workdirs:
+        info, result = json.loads((workdir / "run.json").read_text()), summarize(workdir)
+        network = re.match(r"(?:torch_)?(resnet\d+)", workdir.name).group(1)
+        rows.append({"network": network, "implementation": info.get("implementation", "resnet_jax (JAX)"),
+                     "budget": f"{result['steps'] / CIFAR_STEPS:g}", "steps": result["steps"],
+                     "minutes": "" if result["seconds"] is None else f"{result['seconds'] / 60:.1f}",
+                     "hardware": result["hardware"], "train_error_%": f"{result['train_error']:.2f}",
+                     "test_error_%": f"{result['test_error']:.2f}",
+                     "paper_test_error_%": f"{PAPER_TEST_ERROR.get(network, float('nan')):.2f}"})
+    from resnet_jax.plot import plot_runs
+
+    plot_runs(workdirs, out / "convergence.png", [w.name for w in workdirs],
+              title="CIFAR-10, ResNet-20 at several budgets, ours and PyTorch (thin: train, bold: test)")
+    return write_table(rows, out, "convergence")
+
+
 def load_run(workdir: str | pathlib.Path, mesh: Any = None) -> tuple[Any, Any, Any]:
     """(Run, restored state, config) of a finished run of this driver, rebuilt from its run.json."""
     import jax
@@ -264,8 +310,8 @@ def load_run(workdir: str | pathlib.Path, mesh: Any = None) -> tuple[Any, Any, A
     info = json.loads((workdir / "run.json").read_text())
     spec = RunSpec(workdir.name, info["config"], tuple(info["overrides"].items()), info["seed"])
     config = run_config(spec, info["budget"], info["extra"])
-    run = trainer.Run(config, str(workdir), mesh or make_mesh(jax.devices()[:1]))
-    return run, run.initial_state(), config
+    run = trainer.Run(config, str(workdir), mesh or make_mesh(jax.devices()[:1]), writable=False)
+    return run, run.initial_state(fresh=False), config
 
 
 def response_stds(workdir: str | pathlib.Path) -> list[float]:
@@ -334,7 +380,7 @@ def main(argv: Sequence[str] | None = None, retain_freed_memory: bool = False) -
                         help="fraction of the paper's schedule (CIFAR: 64k iterations, ImageNet: 600k)")
     parser.add_argument("--depths", type=int, nargs="*",
                         help="networks' depths (CIFAR: 6n+2; imagenet: of 18 34 50 101 152)")
-    parser.add_argument("--seeds", type=int, default=1, help="runs per network (cifar_table)")
+    parser.add_argument("--seeds", type=int, default=1, help="runs per network (cifar_table, default_job)")
     parser.add_argument("--out", default=None, help="default: experiments/results/<experiment>")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--render-only", action="store_true")
@@ -342,6 +388,8 @@ def main(argv: Sequence[str] | None = None, retain_freed_memory: bool = False) -
     parser.add_argument("--only", nargs="*", default=None, metavar="RUN",
                         help="train only these runs (e.g. to split an experiment over machines); render later "
                              "with --render-only once every run has finished")
+    parser.add_argument("--control", action="store_true",
+                        help="convergence: also train the PyTorch control (experiments/torch_cifar.py; needs torch)")
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out or ROOT / "experiments" / "results" / args.experiment)
     out.mkdir(parents=True, exist_ok=True)
@@ -353,7 +401,7 @@ def main(argv: Sequence[str] | None = None, retain_freed_memory: bool = False) -
             malloc.retain_freed_memory()
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
-    runs = experiment_runs(args.experiment, args.depths or DEFAULT_DEPTHS[args.experiment], args.seeds)
+    runs = experiment_runs(args.experiment, args.depths or DEFAULT_DEPTHS[args.experiment], args.seeds, args.budget)
     if args.only is not None:
         unknown = sorted(set(args.only) - {r.label for r in runs})
         if unknown:
@@ -364,6 +412,9 @@ def main(argv: Sequence[str] | None = None, retain_freed_memory: bool = False) -
         initialize()  # every host of a pod slice or SLURM job runs this same command
         train_runs([r for r in runs if args.only is None or r.label in args.only], out, args.budget, extra,
                    args.devices)
+        if args.control:
+            for depth in args.depths or DEFAULT_DEPTHS[args.experiment]:
+                train_control(depth, args.budget, out, seed=int(extra.get("seed", 0)))
         if args.only is not None:
             return
     import jax
@@ -372,6 +423,9 @@ def main(argv: Sequence[str] | None = None, retain_freed_memory: bool = False) -
         return
     if args.experiment == "imagenet":
         print(render_imagenet(runs, out))
+        return
+    if args.experiment == "convergence":
+        print(render_convergence(out))
         return
     from resnet_jax.plot import plot_panels
 

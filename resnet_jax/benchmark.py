@@ -5,10 +5,10 @@
 
 Random data already on the device; SGD with momentum 0.9 and weight decay 1e-4 as in the paper. Each figure is
 the median of `--steps` steps timed one by one after compilation and `--warmup` steps, the device's work
-finished before the clock stops (the peer times its steps the same way). The peer script
-(`../shared/bench/torch_resnet.py` beside the checkout where PyTorch is importable, or any `--peer-script`)
-runs in a subprocess right after ours, `--rounds` times alternating, and `ratio` is the median of
-ours/PyTorch over the rounds: ratios, not absolute times, are what to compare across runs on a shared machine.
+finished before the clock stops (the peer times its steps the same way). A peer script (`--peer-script`, or
+$RESNET_JAX_PEER_SCRIPT: a PyTorch script taking the same command line and writing the same JSON) runs in a
+subprocess right after ours, `--rounds` times alternating, and `ratio` is the median of ours/PyTorch over the
+rounds: ratios, not absolute times, are what to compare across runs on a shared machine.
 
 Utilisation is the model's FLOPs per step (XLA's cost analysis of the straightforward train step, so it does not
 depend on how a formulation spends them) over the time, over the peak of a large matrix product in the run's
@@ -18,8 +18,8 @@ the process' peak RSS (CPU), as the output says.
 
 import argparse
 import importlib.metadata
-import importlib.util
 import json
+import os
 import pathlib
 import platform
 import resource
@@ -42,8 +42,7 @@ from resnet_jax.train_state import init_train_state
 from resnet_jax.train_step import compile_eval_step, compile_train_step
 from resnet_jax.xla_cpu import malloc
 
-PEER_MODELS = ("resnet20", "resnet56", "resnet50")
-DEFAULT_PEER = pathlib.Path(__file__).resolve().parents[2] / "shared" / "bench" / "torch_resnet.py"
+PEER_ENV = "RESNET_JAX_PEER_SCRIPT"  # where --peer-script is not given
 
 
 def median_seconds(fn: Callable[[], Any], steps: int, warmup: int) -> float:
@@ -168,19 +167,12 @@ def pipelines(batch: int, steps: int) -> dict[str, float]:
     return results
 
 
-def peer_available() -> bool:
-    return importlib.util.find_spec("torch") is not None
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     peak = peak_flops(jax.devices()[:args.devices] if args.devices else jax.devices(), args.dtype)
-    script = pathlib.Path(args.peer_script) if args.peer_script else DEFAULT_PEER
-    # A script given by name runs whatever is importable here: it may be a stand-in, or bring its own framework.
-    use_peer = args.peer and script.is_file() and (args.peer_script is not None
-                                                   or (peer_available() and args.model in PEER_MODELS))
+    script = args.peer_script or os.environ.get(PEER_ENV)
+    use_peer = args.peer and script is not None and pathlib.Path(script).is_file()
     if args.peer and not use_peer:
-        print(f"no peer: torch {'importable' if peer_available() else 'not importable'}, script {script} "
-              f"{'found' if script.is_file() else 'missing'}, model {args.model}")
+        print(f"no peer: {script} not found" if script else f"no peer: give --peer-script or ${PEER_ENV}")
     rounds = []
     for _ in range(max(args.rounds, 1)):
         ours = measure(args.model, args.batch, args.steps, warmup=args.warmup, dtype=args.dtype,
@@ -188,7 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        scan_blocks=args.scan_blocks)
         if use_peer:
             malloc.release_freed_memory()
-            peer = run_peer(script, args.model, args.batch, args.steps, args.warmup, args.stride_on)
+            peer = run_peer(pathlib.Path(script), args.model, args.batch, args.steps, args.warmup, args.stride_on)
             ours["peer_train_img_per_s"], ours["peer_eval_img_per_s"] = peer["train_img_per_s"], peer["eval_img_per_s"]
             ours["peer"] = {k: v for k, v in peer.items() if not k.endswith("img_per_s")}
         rounds.append(ours)
@@ -259,9 +251,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--conv-impl", choices=["xla", "auto"], help=argparse.SUPPRESS)
     p.add_argument("--scan-blocks", action="store_true", help="scan each stage's repeated blocks (fast compile)")
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the PyTorch peer when torch is importable")
-    p.add_argument("--peer-script", help=f"peer to run, whether or not torch is importable here; default: "
-                                         f"{DEFAULT_PEER}, run where torch is importable")
+                   help="run the peer script, where one is given")
+    p.add_argument("--peer-script", help=f"peer to time against ours (default: ${PEER_ENV})")
     p.add_argument("--pipelines", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure the input pipelines")
     p.add_argument("--json", help="write every figure to this file")

@@ -1,9 +1,9 @@
 """Orbax checkpoints of the train state, with what is needed to trust and resume them saved beside it.
 
 Each checkpoint `workdir/checkpoints/<step>/` holds two items: `state` (the whole `TrainState`, replicated, so
-it restores on any number of devices or processes) and `meta` (JSON: the config, the model's name, options and
-parameter count, the shape of every state array, and the data position, which is the step: training batch k
-depends only on (seed, k)).
+it restores on any number of devices or processes) and `meta` (JSON: the network's record, as weight files carry
+it (`resnet_jax.weights.record`), the config, the parameter count, the shape of every state array, and the data
+position, which is the step: training batch k depends only on (seed, k)).
 
 Crash safety comes from Orbax: a checkpoint is written into `<step>.orbax-checkpoint-tmp-*` and renamed when
 complete, so a kill at any moment leaves the previous checkpoint as the newest committed one; leftover
@@ -17,15 +17,18 @@ import math
 import pathlib
 import shutil
 import warnings
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from resnet_jax import legacy
 from resnet_jax.sharding import replicated
+from resnet_jax.weights import formats, record
 
 BEST_METRIC = "top1_error"  # of the validation split; the smaller the better
 CORRUPT_DIR = "checkpoints_corrupt"
@@ -76,42 +79,34 @@ def _step_dirs(directory: pathlib.Path) -> list[int]:
 
 def state_shapes(state: Any) -> dict[str, list]:
     """`{"params/stage1_block1/conv1/kernel": [[3, 3, 16, 16], "float32"], ...}` for every array of a state."""
-    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-    return {path_name(path): [list(x.shape), str(x.dtype)] for path, x in leaves}
+    return {name: [list(x.shape), str(x.dtype)] for name, x in formats.names(state).items()}
 
 
-def path_name(path: tuple) -> str:
-    """A pytree path as slash-separated names: ("params", "stage1_block1", "conv1", "kernel")."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
+def make_meta(config: Any, model_record: Mapping[str, Any], num_params: int, shapes: Mapping[str, list],
+              validation_split: str | None) -> dict[str, Any]:
+    """What is saved beside every state, apart from the step (added by `save`): the network's record
+    (`resnet_jax.weights.model_record`), the config and the state's layout."""
+    return {**model_record, "config": config.to_json(), "num_params": int(num_params), "state_shapes": dict(shapes),
+            "best_metric_split": validation_split, "format": record.FORMAT}
 
 
-def make_meta(config: Any, model_name: str, model_options: Mapping[str, Any], num_params: int,
-              shapes: Mapping[str, list], validation_split: str | None) -> dict[str, Any]:
-    """What is saved beside every state, apart from the step (added by `save`)."""
-    return {"config": config.to_json(), "model": model_name, "model_options": _jsonable(model_options),
-            "num_params": int(num_params), "state_shapes": dict(shapes), "best_metric_split": validation_split,
-            "format": 1}
+def digests(state: Any) -> dict[str, int]:
+    """A CRC-32 of every array's bytes, by name: what `read` checks, so that bytes altered on disk after the
+    save (a flipped bit) are found rather than trained on. Each process hashes its own replica."""
+    def local(x: Any) -> np.ndarray:
+        return np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
 
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda v: list(v) if isinstance(v, tuple) else str(v)))
+    return {name: zlib.crc32(np.ascontiguousarray(local(x)).tobytes()) for name, x in formats.names(state).items()}
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any],
          metrics: dict[str, float] | None = None) -> None:
-    """Starts saving `state` (asynchronously when the manager is async) with `meta` and the data position.
+    """Starts saving `state` (asynchronously when the manager is async) with `meta`, the data position and the
+    arrays' digests.
 
     `metrics` (e.g. {"top1_error": ...} of a validation split) rank checkpoints for keep_best; a manager that
     keeps the best needs a dict on every save, empty when nothing was evaluated at this step."""
-    meta = {**meta, "step": int(step), "next_batch": int(step)}
+    meta = {**meta, "step": int(step), "next_batch": int(step), "digests": digests(state)}
     if mngr._options.best_fn is not None:  # noqa: SLF001 (Orbax has no public accessor)
         metrics = dict(metrics or {})
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -125,11 +120,25 @@ def abstract_state(state_shapes: Any, mesh: Mesh) -> Any:
                                   state_shapes)
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
-    """The state and meta saved at `step`, laid out as `target` (from `abstract_state`)."""
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                          meta=ocp.args.JsonRestore()))
-    return restored["state"], dict(restored["meta"])
+def read(mngr: ocp.CheckpointManager, step: int, target: Any, meta: Mapping[str, Any]) -> Any:
+    """The state saved at `step`, laid out as `target` (from `abstract_state`); `meta` is the step's."""
+    keyed = legacy.has_key(meta)
+    item = legacy.keyed_target(target, jax.tree_util.tree_leaves(target)[0].sharding) if keyed else target
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(item)))["state"]
+    if "digests" in meta:
+        got = digests(restored)
+        damaged = next((name for name, digest in meta["digests"].items() if got.get(name) != digest), None)
+        if damaged is not None:
+            raise ValueError(f"{damaged} does not match the digest recorded when it was saved (damaged on disk)")
+    return legacy.unkeyed(restored, target) if keyed else restored
+
+
+def save_failed(error: BaseException, step: int, mngr: ocp.CheckpointManager) -> str:
+    """One line for a save that failed (a full disk, a read-only or vanished workdir): the cause and what is
+    kept, since a save is written aside and renamed only when complete."""
+    committed = _step_dirs(pathlib.Path(str(mngr.directory)))
+    kept = f"the previous checkpoint (step {committed[-1]}) is kept" if committed else "no checkpoint was saved"
+    return f"saving the checkpoint of step {step} in {mngr.directory} failed: {_short(error)}; {kept}"
 
 
 def read_meta(directory: str | pathlib.Path, step: int) -> dict[str, Any]:
@@ -138,28 +147,21 @@ def read_meta(directory: str | pathlib.Path, step: int) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def describe(meta: Mapping[str, Any]) -> str:
-    return f"{meta['model']} ({meta['num_params']:,} parameters)"
-
-
 def check_compatible(meta: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:
     """Raises a one-line ValueError when a checkpoint's network or state layout is not the config's.
 
     Compared from the JSON meta before any array is read, so the message names the architectures rather than
     an array shape deep inside Orbax."""
-    saved_options, wanted_options = legacy.architecture(meta.get("model_options", {})), expected["model_options"]
-    if (meta["model"], meta["num_params"]) != (expected["model"], expected["num_params"]) or \
-            saved_options != wanted_options:
-        saved, wanted = describe(meta), describe(expected)
-        if meta["model"] == expected["model"]:
-            changed = [k for k in sorted(set(saved_options) | set(wanted_options))
-                       if saved_options.get(k) != wanted_options.get(k)]
-            saved = f"{meta['model']} with " + ", ".join(f"{k}={saved_options.get(k)!r}" for k in changed) + \
-                f" ({meta['num_params']:,} parameters)"
-            wanted = f"{expected['model']} with " + ", ".join(f"{k}={wanted_options.get(k)!r}" for k in changed) + \
-                f" ({expected['num_params']:,} parameters)"
+    saved_options, wanted_options = record.recorded_options(meta), record.recorded_options(expected)
+    changed = record.differing(saved_options, wanted_options)
+    if meta["model"] != expected["model"] or meta["num_params"] != expected["num_params"] or changed:
+        keys = changed if meta["model"] == expected["model"] else []
+        saved = f"{record.named(meta['model'], saved_options, keys)} ({meta['num_params']:,} parameters)"
+        wanted = f"{record.named(expected['model'], wanted_options, keys)} ({expected['num_params']:,} parameters)"
         raise ValueError(f"checkpoint holds {saved}; the config asks for {wanted} ({where})")
     saved_shapes, wanted_shapes = meta.get("state_shapes"), expected["state_shapes"]
+    if saved_shapes is not None:
+        saved_shapes = legacy.state_shapes(saved_shapes)
     if saved_shapes is not None and saved_shapes != wanted_shapes:
         path = next(p for p in sorted(set(saved_shapes) | set(wanted_shapes))
                     if saved_shapes.get(p) != wanted_shapes.get(p))
@@ -168,9 +170,9 @@ def check_compatible(meta: Mapping[str, Any], expected: Mapping[str, Any], where
                          f"(optimizer or model options changed?) ({where})")
 
 
-def restore_newest(mngr: ocp.CheckpointManager, target: Any, expected: Mapping[str, Any] | None = None, *,
-                   step: int | None = None, quarantine: bool = False,
-                   warn: Callable[[str], None] | None = None) -> tuple[Any, dict[str, Any], int] | None:
+def read_newest(mngr: ocp.CheckpointManager, target: Any, expected: Mapping[str, Any] | None = None, *,
+                step: int | None = None, quarantine: bool = False,
+                warn: Callable[[str], None] | None = None) -> tuple[Any, dict[str, Any], int] | None:
     """(state, meta, step) of the newest readable checkpoint (or of `step`), None when there is none.
 
     A checkpoint whose meta or arrays cannot be read is skipped with a warning naming it and the one used
@@ -191,7 +193,7 @@ def restore_newest(mngr: ocp.CheckpointManager, target: Any, expected: Mapping[s
         if expected is not None:
             check_compatible(meta, expected, where)
         try:
-            state, _ = restore(mngr, s, target)
+            state = read(mngr, s, target, meta)
         except Exception as e:  # noqa: BLE001 (Orbax and TensorStore raise many types for damaged files)
             skipped.append(f"step {s} ({_short(e)})")
             continue

@@ -9,6 +9,10 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
+import flax.struct
+import jax
+import jax.numpy as jnp
+
 CONV_IMPL = "conv_impl"
 
 
@@ -28,3 +32,41 @@ def upgrade_config(config: Any) -> Any:
         if "xla_cpu_layer" not in config:
             config.xla_cpu_layer = impl != "xla"
     return config
+
+
+# Until format 2, TrainState carried `rng`, the run's root key, which nothing drew from.
+LEGACY_STATE_KEY = "rng"
+
+
+def state_shapes(shapes: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's recorded state shapes without the fields TrainState no longer has."""
+    return {k: v for k, v in shapes.items() if k != LEGACY_STATE_KEY}
+
+
+def has_key(meta: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint's state holds the old `rng` field (its meta records the state's arrays by name)."""
+    return LEGACY_STATE_KEY in meta.get("state_shapes", {})
+
+
+@flax.struct.dataclass
+class KeyedTrainState:
+    """The TrainState of format-1 checkpoints, to restore them into."""
+
+    step: Any
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: Any
+
+
+def keyed_target(target: Any, sharding: Any) -> KeyedTrainState:
+    """A restore target for a format-1 checkpoint from today's abstract TrainState."""
+    return KeyedTrainState(step=target.step, params=target.params, batch_stats=target.batch_stats,
+                           opt_state=target.opt_state,
+                           rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding))
+
+
+def unkeyed(state: KeyedTrainState, target: Any) -> Any:
+    """Today's TrainState (of `target`'s type) from a restored format-1 state."""
+    return type(target)(step=state.step, params=state.params, batch_stats=state.batch_stats,
+                        opt_state=state.opt_state)

@@ -1,5 +1,6 @@
-"""Preemption: on SIGTERM (what TPU VMs, GCE and SLURM send before taking a machine) finish the current step,
-save a checkpoint and exit cleanly; the next launch with the same workdir resumes from it.
+"""Preemption: on SIGTERM (what TPU VMs, GCE and SLURM send before taking a machine) or Ctrl-C (SIGINT) finish
+the current step, save a checkpoint and exit cleanly; the next launch with the same workdir resumes from it. A
+second Ctrl-C aborts at once, as usual.
 
 With several processes every one must save at the same step, or the checkpoint would mix steps. JAX's
 coordination service already solves this: after `jax.distributed.initialize` it catches SIGTERM on any
@@ -25,25 +26,32 @@ class PreemptionWatcher:
 
     def __init__(self, signum: int = signal.SIGTERM, sync_every: int = 10):
         self.signum, self.sync_every = signum, sync_every
-        self.requested = False
-        self._previous: Any = None
+        self.requested = self.interrupted = False
+        self._previous: dict[int, Any] = {}
         self._service = jax.process_count() > 1 and _sync_service_available()
 
     def _handle(self, signum: int, frame: types.FrameType | None) -> None:
-        del signum, frame
+        del frame
+        if signum == signal.SIGINT:
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
+            print("interrupted: finishing the step and saving (Ctrl-C again to abort)", flush=True)
         self.requested = True
 
     def __enter__(self) -> "PreemptionWatcher":
         # Python handlers can only be installed from the main thread; elsewhere (a notebook's worker thread)
-        # the process keeps its default behaviour, which is to die, as before.
+        # the process keeps its default behaviour. With JAX's preemption service (several processes) the service
+        # catches SIGTERM and agrees on the step; Ctrl-C keeps its default there, since one process cannot stop
+        # alone.
         if not self._service and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(self.signum, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in (self.signum, signal.SIGINT)}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(self.signum, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
     def reached(self, step: int) -> bool:
         """True at the step where this process (and every other) should save and stop."""

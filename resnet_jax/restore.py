@@ -5,9 +5,9 @@
     logits = model.apply(variables, images)                           # images: [N, 32, 32, 3], normalised
     restore.evaluate("runs/resnet56", split="test")                   # {"top1_error": ..., ...}
 
-`load` takes a workdir, its `checkpoints/` directory, one checkpoint (`.../checkpoints/6000`) or a file
-written by `resnet_jax.export` (.npz or .safetensors). Checkpoints hold a replicated state, so one written by
-8 devices or 2 processes restores on 1 device, and the reverse.
+`load` takes a workdir, its `checkpoints/` directory, one checkpoint (`.../checkpoints/6000`) or a weights file
+(`resnet_jax.weights`: ours as .npz/.safetensors, or a torchvision state dict). Checkpoints hold a replicated
+state, so one written by 8 devices or 2 processes restores on 1 device, and the reverse.
 """
 
 import json
@@ -18,19 +18,21 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from resnet_jax import checkpoint, legacy, models
+from resnet_jax import checkpoint, legacy, models, trainer, weights
 from resnet_jax.config import make_optimizer, make_schedule
 from resnet_jax.sharding import make_mesh
 from resnet_jax.train_state import TrainState, init_train_state
+from resnet_jax.train_step import compile_eval_step
 
 
 class Loaded(NamedTuple):
     model: models.ResNet
     variables: dict[str, Any]  # {"params", "batch_stats"}: what model.apply takes
-    config: ml_collections.ConfigDict  # the run's config (for an imported file without one: just `model`)
+    config: ml_collections.ConfigDict  # the run's config (for a weights file without one: just `model`)
 
 
 def config_from_meta(meta: dict[str, Any]) -> ml_collections.ConfigDict:
+    """The run's config that a checkpoint's meta (or a weights file exported from one) records."""
     return legacy.upgrade_config(ml_collections.ConfigDict(json.loads(meta["config"])))
 
 
@@ -45,8 +47,8 @@ def _locate(path: str | pathlib.Path, step: int | None) -> tuple[pathlib.Path, i
     return directory, step
 
 
-def restore_state(path: str | pathlib.Path, step: int | None = None, *, best: bool = False,
-                  mesh: Mesh | None = None) -> tuple[TrainState, dict[str, Any], int]:
+def load_state(path: str | pathlib.Path, step: int | None = None, *, best: bool = False,
+               mesh: Mesh | None = None) -> tuple[TrainState, dict[str, Any], int]:
     """(train state, meta, step) of a checkpoint, replicated over `mesh` (default: this process' first
     device). `best=True` picks the checkpoint of lowest validation error instead of the newest."""
     directory, step = _locate(path, step)
@@ -64,7 +66,7 @@ def restore_state(path: str | pathlib.Path, step: int | None = None, *, best: bo
     tx = make_optimizer(config, make_schedule(config))
     mesh = mesh or make_mesh(jax.local_devices()[:1])
     shapes = jax.eval_shape(lambda: init_train_state(model, tx, config.seed))
-    found = checkpoint.restore_newest(mngr, checkpoint.abstract_state(shapes, mesh), step=step)
+    found = checkpoint.read_newest(mngr, checkpoint.abstract_state(shapes, mesh), step=step)
     if found is None:
         raise FileNotFoundError(f"no checkpoints in {directory}")
     return found
@@ -81,16 +83,13 @@ def _first_readable_meta(directory: pathlib.Path, steps: list[int]) -> dict[str,
 
 
 def load(path: str | pathlib.Path, step: int | None = None, *, best: bool = False) -> Loaded:
-    """(model, variables, config) from a workdir, a checkpoint or an exported file; see the module doc."""
-    if str(path).endswith((".npz", ".safetensors")):
-        from resnet_jax import export
-
-        variables, meta = export.load_variables(path)
-        model = export.model_from_meta(meta)
+    """(model, variables, config) from a workdir, a checkpoint or a weights file; see the module doc."""
+    if pathlib.Path(path).suffix in (*weights.formats.SUFFIXES, *weights.convert.TORCH_SUFFIXES):
+        model, variables, meta = weights.load(path)
         config = config_from_meta(meta) if meta.get("config") else ml_collections.ConfigDict(
             {"model": {"name": meta["model"], **meta.get("create_options", {})}})
         return Loaded(model, variables, config)
-    state, meta, _ = restore_state(path, step, best=best)
+    state, meta, _ = load_state(path, step, best=best)
     config = config_from_meta(meta)
     return Loaded(models.from_config(config.model), jax.device_get(state.variables), config)
 
@@ -99,11 +98,8 @@ def evaluate(path: str | pathlib.Path, split: str = "test", *, step: int | None 
              batch_size: int | None = None, data_dir: str | None = None, mesh: Mesh | None = None
              ) -> dict[str, float]:
     """Loss and top-1/top-5 error of a checkpoint on every example of `split` of the run's dataset."""
-    from resnet_jax import trainer
-    from resnet_jax.train_step import compile_eval_step
-
     mesh = mesh or make_mesh(jax.local_devices()[:1])
-    state, meta, _ = restore_state(path, step, best=best, mesh=mesh)
+    state, meta, _ = load_state(path, step, best=best, mesh=mesh)
     config = config_from_meta(meta)
     if batch_size is not None:
         config.eval_batch_size = batch_size

@@ -16,7 +16,6 @@ class TrainState:
     params: Any
     batch_stats: Any
     opt_state: optax.OptState
-    rng: jax.Array  # the run's root key; step k uses fold_in(rng, k), so a resumed run draws the same numbers
 
     @property
     def variables(self) -> dict[str, Any]:
@@ -27,9 +26,9 @@ class TrainState:
 def init_train_state(model: ResNet, tx: optax.GradientTransformation, seed: int,
                      image_shape: tuple[int, int, int] | None = None) -> TrainState:
     """A fresh state: He-initialised parameters, zero-mean unit-variance BN statistics, empty momentum."""
-    init_key, run_key = jax.random.split(jax.random.key(seed))
+    # The same split as when the state also kept a run key, so a seed initialises the same weights as before.
+    init_key, _ = jax.random.split(jax.random.key(seed))
     image = jnp.zeros((1, *(image_shape or input_shape(model))), jnp.float32)
     variables = model.init(init_key, image, train=False)
     return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
-                      rng=jax.random.key_data(run_key))
+                      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))

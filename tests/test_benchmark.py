@@ -29,7 +29,6 @@ def result(tmp_path_factory):
     out = tmp / "out.json"
     with pytest.MonkeyPatch.context() as env:  # leave this pytest process' malloc as it is
         env.setenv(malloc.OPT_OUT_ENV, "default")
-        env.setattr(benchmark, "peer_available", lambda: False)  # a named script runs without torch here
         printed = benchmark.main(["--model", "resnet20", "--batch", "8", "--steps", "2", "--warmup", "1", "--devices",
                                   "1", "--no-pipelines", "--peer-script", str(peer), "--json", str(out)])
     return printed, json.loads(out.read_text())
@@ -82,8 +81,13 @@ def test_peer_script_missing_is_reported_not_fatal(tmp_path, capsys, monkeypatch
     assert "missing" in capsys.readouterr().out
 
 
-def test_default_peer_path_is_beside_the_checkout():
-    assert benchmark.DEFAULT_PEER.parts[-3:] == ("shared", "bench", "torch_resnet.py")
+def test_without_a_peer_script_there_is_no_peer_and_it_says_so(capsys, monkeypatch):
+    monkeypatch.delenv(benchmark.PEER_ENV, raising=False)
+    monkeypatch.setattr(benchmark, "peak_flops", lambda devices, dtype="float32": 1e9)
+    monkeypatch.setattr(benchmark, "measure", lambda *a, **k: (_ for _ in ()).throw(Measured()))
+    with pytest.raises(Measured):
+        benchmark.run(benchmark.parse_args([]))
+    assert "no peer: give --peer-script or $RESNET_JAX_PEER_SCRIPT" in capsys.readouterr().out
 
 
 def test_bad_host_malloc_setting_is_one_line(monkeypatch):

@@ -1,7 +1,6 @@
 """Checkpoints in one process: exact resume, keep last K and best by validation error, restore on another
 device count, one-line mismatch errors, fallback past a damaged checkpoint, NaN stops without saving."""
 
-import json
 import pathlib
 import shutil
 
@@ -103,7 +102,7 @@ def test_written_on_8_devices_restores_on_1_and_the_reverse(tmp_path):
         workdir = tmp_path / f"{len(written)}to{len(read)}"
         saved = write_initial_checkpoint(synthetic_config(batch_size=16), workdir, make_mesh(written))
         assert {d for x in jax.tree_util.tree_leaves(saved) for d in x.sharding.device_set} == set(written)
-        state, meta, step = restore.restore_state(workdir, mesh=make_mesh(read))
+        state, meta, step = restore.load_state(workdir, mesh=make_mesh(read))
         assert step == 2 and meta["next_batch"] == 2
         assert {d for x in jax.tree_util.tree_leaves(state) for d in x.sharding.device_set} == set(read)
         for a, b in zip(leaves(saved), leaves(state), strict=True):
@@ -137,7 +136,7 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, capsys):
     c = synthetic_config(num_train_steps=4)
     pristine = tmp_path / "pristine"
     trainer.train_and_evaluate(c, str(pristine), mesh=one_device())
-    at_2, _, _ = restore.restore_state(pristine, 2)
+    at_2, _, _ = restore.load_state(pristine, 2)
 
     def truncate(newest):
         for p in (newest / "state").rglob("*"):
@@ -178,7 +177,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
         trainer.train_and_evaluate(c, str(tmp_path), mesh=one_device())
     mngr = checkpoint.manager(tmp_path, read_only=True)
     assert mngr.latest_step() == 5
-    state, _, _ = restore.restore_state(tmp_path)
+    state, _, _ = restore.load_state(tmp_path)
     assert all(np.isfinite(x).all() for x in leaves(state))
 
 
@@ -208,32 +207,30 @@ def test_a_run_resumes_across_the_xla_cpu_layer_switch(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
-def as_written_before_the_xla_cpu_layer(workdir, step, conv_impl="auto"):
-    """Rewrites a checkpoint's meta as versions that kept the CPU layer in the model wrote it: `conv_impl` in
-    the model's options and in the config's model section (the arrays were the same)."""
-    path = checkpoint.checkpoints_dir(workdir) / str(step) / "meta" / "metadata"
-    meta = json.loads(path.read_text())
-    config = json.loads(meta["config"])
-    config["model"]["conv_impl"] = conv_impl
-    del config["xla_cpu_layer"]
-    meta["config"], meta["model_options"]["conv_impl"] = json.dumps(config), conv_impl
-    path.write_text(json.dumps(meta))
+FORMAT_1 = ROOT / "tests" / "data" / "format1_resnet8"  # written by the version before the XLA:CPU layer
 
 
-def test_a_checkpoint_from_before_the_xla_cpu_layer_restores_and_resumes(tmp_path):
-    config = synthetic_config()
-    saved = trainer.Run(config, str(tmp_path), mesh=one_device()).train(stop_after=2)["state"]
-    as_written_before_the_xla_cpu_layer(tmp_path, 2, conv_impl="xla")
-    model, variables, loaded_config = restore.load(tmp_path)
-    assert "conv_impl" not in loaded_config.model and loaded_config.xla_cpu_layer is False
-    for a, b in zip(leaves(saved.variables), leaves(variables), strict=True):
+def test_a_checkpoint_and_a_file_of_the_previous_format_restore_and_resume(tmp_path):
+    """The previous version recorded `conv_impl` in the model's options and config and kept an unused key in the
+    train state: its checkpoint (ResNet-8, 4 steps on synthetic data) and its export of that checkpoint load,
+    evaluate and resume."""
+    workdir = tmp_path / "run"
+    shutil.copytree(FORMAT_1, workdir)
+    assert "conv_impl" in checkpoint.read_meta(workdir, 4)["model_options"]
+    model, variables, config = restore.load(workdir)
+    assert "conv_impl" not in config.model and config.xla_cpu_layer is True
+    exported = restore.load(ROOT / "tests" / "data" / "format1_resnet8.npz")
+    assert exported.model == model
+    for a, b in zip(leaves(variables), leaves(exported.variables), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert restore.evaluate(tmp_path, split="test")["num_examples"] == 16
-    assert trainer.Run(config, str(tmp_path), mesh=one_device()).train(stop_after=1)["step"] == 3
+    assert restore.evaluate(workdir, split="test")["num_examples"] == 32
+    with config.unlocked():
+        config.num_train_steps = 6
+    assert trainer.Run(config, str(workdir), mesh=one_device()).train()["step"] == 6
     # A config file of that time, with model.conv_impl, still runs.
     old = synthetic_config()
     with old.unlocked():
-        old.model.conv_impl = "auto"
+        old.model.conv_impl = "xla"
         del old["xla_cpu_layer"]
-    run = trainer.Run(old, str(tmp_path), mesh=one_device())
-    assert run.config.xla_cpu_layer is True and "conv_impl" not in run.config.model
+    run = trainer.Run(old, str(tmp_path / "old_config"), mesh=one_device())
+    assert run.config.xla_cpu_layer is False and "conv_impl" not in run.config.model

@@ -76,7 +76,7 @@ def test_sigkill_at_random_moments_always_leaves_a_restorable_checkpoint(tmp_pat
         steps_now = restore.steps(workdir)
         assert steps_now and steps_now[-1] >= newest
         newest = steps_now[-1]
-        state, meta, step = restore.restore_state(workdir, newest)
+        state, meta, step = restore.load_state(workdir, newest)
         assert step == newest == int(state.step) == meta["next_batch"]
     assert killed_mid_save >= 2, "no kill landed inside a save"
     assert newest >= 3, "the trials made progress"

@@ -1,5 +1,6 @@
 """Weights in and out: a checkpoint exported to .npz/.safetensors and read back is identical; Keras weights give
-Keras' logits after a round trip through a file; a torchvision state dict maps every key, numerically right."""
+Keras' logits after a round trip through a file; a torchvision state dict maps every key, numerically right, and
+is never applied to a network that computes something else."""
 
 import json
 import struct
@@ -9,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import checkpoint, convert, export, models, restore, trainer
+from resnet_jax import checkpoint, export, models, restore, trainer, weights
 from resnet_jax.sharding import make_mesh
+from resnet_jax.weights import formats
 from tests.keras_models import import_keras, randomize
 from tests.test_checkpoint import synthetic_config
 
@@ -29,10 +31,11 @@ def test_export_then_import_gives_identical_variables(tmp_path, suffix):
     checkpoint.save(run.checkpoints, 3, state, run.meta())
     run.checkpoints.wait_until_finished()
     out = export.export_checkpoint(tmp_path / "run", tmp_path / f"resnet8{suffix}")
-    variables, meta = export.load_variables(out)
+    model, variables, meta = weights.load(out)
     assert_trees_equal(variables, jax.device_get(state.variables))
-    assert meta["model"] == "resnet8" and meta["step"] == 3
-    flat = export.read_arrays(out)
+    assert meta["model"] == "resnet8" and meta["step"] == 3 and model == run.model
+    assert meta["model_options"] == run.meta()["model_options"]  # one record for checkpoints and files
+    flat, _ = formats.read(out)
     assert flat["params/stage1_block1/conv1/kernel"].shape == (3, 3, 16, 16)
     assert "batch_stats/stage3_block1/bn2/var" in flat
     model, loaded, config = restore.load(out)
@@ -42,8 +45,8 @@ def test_export_then_import_gives_identical_variables(tmp_path, suffix):
 
 def test_safetensors_reader_reads_bfloat16_and_metadata(tmp_path):
     arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, -2], np.int64)}
-    export.write_safetensors(tmp_path / "x.safetensors", arrays, {"k": "v"})
-    read, meta = export.read_safetensors(tmp_path / "x.safetensors")
+    formats.write_safetensors(tmp_path / "x.safetensors", arrays, {"k": "v"})
+    read, meta = formats.read_safetensors(tmp_path / "x.safetensors")
     assert meta == {"k": "v"}
     assert_trees_equal(read, arrays)
     # bfloat16 (what many published weights use) is the top half of a float32.
@@ -51,7 +54,7 @@ def test_safetensors_reader_reads_bfloat16_and_metadata(tmp_path):
     raw = (values.view(np.uint32) >> 16).astype("<u2").tobytes()
     header = json.dumps({"w": {"dtype": "BF16", "shape": [3], "data_offsets": [0, len(raw)]}}).encode()
     (tmp_path / "bf.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + raw)
-    np.testing.assert_array_equal(export.read_safetensors(tmp_path / "bf.safetensors")[0]["w"], values)
+    np.testing.assert_array_equal(formats.read_safetensors(tmp_path / "bf.safetensors")[0]["w"], values)
 
 
 def randomized_keras_resnet50(size):
@@ -64,12 +67,12 @@ def test_keras_resnet50_weights_through_a_file_give_keras_logits(tmp_path):
     keras_model = randomized_keras_resnet50(64)
     images = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype(np.float32)
     expected = np.asarray(keras_model(images, training=False))
-    model = convert.keras_network(keras_model)
-    meta = export.model_meta("resnet50", {"shortcut": "B", "stride_on": "1x1", "num_classes": 7},
-                             source="keras.applications.ResNet50")
-    path = export.save_variables(tmp_path / "keras_resnet50.npz", convert.from_keras(keras_model), meta)
+    converted = weights.from_keras(keras_model)
+    assert converted.meta["create_options"] == {"shortcut": "B", "stride_on": "1x1", "num_classes": 7,
+                                                "bn_epsilon": 1e-5}
+    path = weights.save(tmp_path / "keras_resnet50.npz", converted)
     loaded_model, variables, _ = restore.load(path)
-    assert loaded_model == model
+    assert loaded_model == converted.model
     logits = np.asarray(jax.jit(loaded_model.apply)(variables, images))
     # Measured: about 5e-7 (float32 rounding in a different summation order).
     assert np.abs(logits - expected).max() / np.abs(expected).max() < 1e-5
@@ -135,9 +138,10 @@ def random_state_dict(table, seed=0):
 def test_torchvision_state_dict_maps_every_key(depth):
     table = torchvision_table(depth)
     state_dict = {k: np.zeros(s, np.float32) for k, s in table.items()}
-    name, options, variables = convert.from_torchvision(state_dict)  # raises on any key or variable left over
-    assert name == f"resnet{depth}" and options == {"shortcut": "B", "stride_on": "3x3", "num_classes": 1000}
-    model = models.create(name, **options)
+    model, variables, meta = weights.from_torchvision(state_dict)  # raises on any key or variable left over
+    options = {"shortcut": "B", "stride_on": "3x3", "num_classes": 1000}
+    assert meta["model"] == f"resnet{depth}" and meta["create_options"] == options
+    assert model == models.create(f"resnet{depth}", **options)
     abstract = models.abstract_variables(model)
     assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(variables)
     # The parameter count is torchvision's (11,689,512 for resnet18 ... 60,192,808 for resnet152).
@@ -145,7 +149,7 @@ def test_torchvision_state_dict_maps_every_key(depth):
                                                                            "num_batches_tracked")))
     assert models.count_params(variables["params"]) == trainable
     with pytest.raises(ValueError, match="keys not mapped onto"):
-        convert.from_torchvision({**state_dict, "layer9.0.extra.weight": np.zeros(1)})
+        weights.from_torchvision({**state_dict, "layer9.0.extra.weight": np.zeros(1)})
 
 
 def torchvision_forward(sd, images_nchw, depth):
@@ -186,7 +190,7 @@ def torchvision_forward(sd, images_nchw, depth):
 def test_torchvision_weights_give_torchvision_logits(tmp_path, depth):
     sd = random_state_dict(torchvision_table(depth, num_classes=5))
     path = tmp_path / f"resnet{depth}.safetensors"
-    export.write_safetensors(path, sd)
+    formats.write_safetensors(path, sd)
     out = export.import_torchvision(path, tmp_path / f"resnet{depth}.npz")
     model, variables, _ = restore.load(out)
     assert model.stride_on == "3x3" and model.num_classes == 5
@@ -194,3 +198,50 @@ def test_torchvision_weights_give_torchvision_logits(tmp_path, depth):
     ours = np.asarray(jax.jit(model.apply)(variables, images))
     reference = np.asarray(jax.jit(lambda x: torchvision_forward(sd, x, depth))(images.transpose(0, 3, 1, 2)))
     assert np.abs(ours - reference).max() / np.abs(reference).max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def torchvision_resnet50(tmp_path_factory):
+    """A torchvision ResNet-50 state dict in a .safetensors file, as DataParallel saves it (`module.` names)."""
+    sd = random_state_dict(torchvision_table(50, num_classes=5))
+    path = tmp_path_factory.mktemp("tv") / "resnet50.safetensors"
+    formats.write_safetensors(path, {f"module.{k}": v for k, v in sd.items()})
+    return path, sd
+
+
+def test_torchvision_weights_refuse_a_network_that_downsamples_elsewhere(tmp_path, torchvision_resnet50):
+    """models.create("resnet50") downsamples in the first 1x1, torchvision's in the 3x3: the shapes agree and the
+    logits would differ by 6-26%, so every loading path builds the matching network or refuses in one line."""
+    path, sd = torchvision_resnet50
+    default = models.create("resnet50", num_classes=5)
+    assert default.stride_on == "1x1"
+    expected = "the weights in .* are resnet50 with stride_on='3x3'; the model given has stride_on='1x1'"
+    with pytest.raises(ValueError, match=expected) as info:
+        weights.load(path, model=default)
+    assert "\n" not in str(info.value) and "models.create('resnet50', shortcut='B', stride_on='3x3'" in str(info.value)
+    # Without a model, or with the right one, the raw file (module. prefix and all) loads as its own network.
+    for model in (None, models.create("resnet50", stride_on="3x3", num_classes=5)):
+        loaded = weights.load(path, model=model)
+        assert loaded.model.stride_on == "3x3"
+    assert restore.load(path).model.stride_on == "3x3"
+    out = export.import_torchvision(path, tmp_path / "r50.npz")
+    with pytest.raises(ValueError, match=expected):
+        weights.load(out, model=default)
+    images = np.random.default_rng(2).normal(size=(1, 64, 64, 3)).astype(np.float32)
+    model, variables, _ = weights.load(out)
+    reference = np.asarray(jax.jit(lambda x: torchvision_forward(sd, x, 50))(images.transpose(0, 3, 1, 2)))
+    ours = np.asarray(jax.jit(model.apply)(variables, images))
+    assert np.abs(ours - reference).max() / np.abs(reference).max() < 1e-4
+
+
+def test_files_that_are_not_weights_say_what_they_are(tmp_path):
+    unknown = tmp_path / "unknown.safetensors"
+    formats.write_safetensors(unknown, {"encoder.weight": np.zeros(2, np.float32)})
+    with pytest.raises(ValueError, match=r"holds neither resnet_jax weights \(no metadata\) nor a torchvision ResNet"):
+        restore.load(unknown)
+    with pytest.raises(ValueError, match="unknown weights format '.h5'"):
+        weights.load(tmp_path / "x.h5")
+    with pytest.raises(SystemExit, match=r"^error: unknown weights format '.onnx'"):
+        export.main([str(tmp_path), str(tmp_path / "out.onnx")])
+    with pytest.raises(ValueError, match="need the record of their network"):
+        weights.save(tmp_path / "bare.npz", ({"params": {}}, {}))

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import convert, models
+from resnet_jax import models, weights
 from tests.keras_models import import_keras, randomize
 
 keras = import_keras()
@@ -20,9 +20,8 @@ def test_logits_equal_keras(name, depth):
     images = np.random.default_rng(1).normal(size=(2, 224, 224, 3)).astype(np.float32)
     expected = np.asarray(keras_model(images, training=False))
 
-    model = convert.keras_network(keras_model)
+    model, variables, _ = weights.from_keras(keras_model)
     assert (model.stage_sizes, model.shortcut, model.stride_on) == (models.IMAGENET_STAGES[depth][0], "B", "1x1")
-    variables = convert.from_keras(keras_model)
     # Every variable of our network is filled, with the shape our network declares.
     abstract = models.abstract_variables(model)
     assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(variables)
@@ -38,4 +37,4 @@ def test_non_resnet_keras_model_is_refused():
     inputs = keras.Input((8, 8, 3))
     tiny = keras.Model(inputs, keras.layers.Conv2D(4, 3, name="conv1_conv")(inputs), name="tiny")
     with pytest.raises(ValueError, match="has stage sizes"):
-        convert.from_keras(tiny)
+        weights.from_keras(tiny)

@@ -3,6 +3,7 @@
 import json
 import pathlib
 import shutil
+import statistics
 
 import nbformat
 import pytest
@@ -102,3 +103,83 @@ def test_committed_degradation_runs_show_the_papers_claim(experiment):
     stds = json.loads((out / "responses.json").read_text())
     for depth in (8, 20):  # Figure 7: the residual nets' layer responses are the smaller ones
         assert sum(stds[f"resnet{depth}"]) < sum(stds[f"plain{depth}"])
+
+
+def test_default_job_reports_the_spread_of_its_seeds(tmp_path):
+    reproduce.main(["default_job", "--seeds", "2", "--budget", "0.005", "--devices", "1", "--out", str(tmp_path),
+                    "--set", "dataset=synthetic", "batch_size=16", "eval_batch_size=16"])
+    errors = [reproduce.summarize(tmp_path / f"quick_seed{s}")["test_error"] for s in (0, 1)]
+    row = (tmp_path / "default_job.csv").read_text().splitlines()[1].split(",")
+    assert row[:3] == ["quick", "2", "5"]  # 5 of quick.py's 1,000 steps
+    mean, spread = row[4].split(" +- ")
+    assert float(mean) == pytest.approx(sum(errors) / 2, abs=0.006)
+    assert f"(min {min(errors):.2f}" in spread and f"max {max(errors):.2f})" in spread
+
+
+def test_convergence_driver_renders_every_run_in_its_directory(tmp_path):
+    args = ["convergence", "--depths", "8", "--devices", "1", "--out", str(tmp_path),
+            "--set", "dataset=synthetic", "batch_size=16", "eval_batch_size=16"]
+    for budget in ("0.0001", "0.0002"):  # two budgets, two launches, one table
+        reproduce.main([*args, "--budget", budget])
+    rows = [line.split(",") for line in (tmp_path / "convergence.csv").read_text().splitlines()]
+    assert rows[0] == ["network", "implementation", "budget", "steps", "minutes", "hardware", "train_error_%",
+                       "test_error_%", "paper_test_error_%"]
+    assert [(r[0], r[3]) for r in rows[1:]] == [("resnet8", "6"), ("resnet8", "13")]
+    first = reproduce.summarize(tmp_path / "resnet8_budget0.0001")
+    assert rows[1][1].startswith("resnet_jax (JAX ") and rows[1][7] == f"{first['test_error']:.2f}"
+    assert (tmp_path / "convergence.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_pytorch_control_trains_on_the_same_pixels_and_logs_as_ours(tmp_path):
+    pytest.importorskip("torch")
+    from experiments import torch_cifar
+
+    workdir = tmp_path / "torch_resnet8_budget0.0001"
+    result = torch_cifar.main(["--workdir", str(workdir), "--steps", "4", "--depth", "8", "--log-every", "2",
+                               "--eval-every", "4"])
+    assert result["num_examples"] == 10_000 and 0 <= result["top1_error"] <= 1
+    events = metrics.read(workdir)
+    assert [(e["step"], e["split"]) for e in events] == [(2, "train"), (4, "train"), (4, "test")]
+    assert json.loads((workdir / "run.json").read_text())["implementation"].startswith("PyTorch")
+    # Resuming a finished run trains nothing more and keeps its log.
+    torch_cifar.main(["--workdir", str(workdir), "--steps", "4", "--depth", "8", "--log-every", "2"])
+    assert len(metrics.read(workdir)) == 3
+    assert "PyTorch" in reproduce.render_convergence(tmp_path)
+
+
+CONVERGENCE = ROOT / "experiments" / "results" / "convergence"
+
+
+def test_committed_convergence_runs_follow_the_recipe_and_render_their_table(tmp_path):
+    """The README's ResNet-20 results, read from the committed logs: the step schedule's boundaries at 50% and
+    75% of each run, the final test error of every run in the committed table, which renders again the same
+    from those logs alone; ours and the PyTorch control at 1/10 of the schedule within one point."""
+    runs = {p.name: p for p in CONVERGENCE.iterdir() if (p / "metrics.jsonl").exists()}
+    assert {"resnet20_budget0.1", "resnet20_budget0.25", "torch_resnet20_budget0.1"} <= set(runs)
+    for name, workdir in runs.items():
+        steps = json.loads((workdir / "run.json").read_text())["num_train_steps"]
+        train = [e for e in metrics.read(workdir) if e["split"] == "train"]
+        assert train[-1]["step"] == steps
+        rates = {e["step"]: e["learning_rate"] for e in train}
+        for step, rate in rates.items():
+            expected = 0.1 * 0.1 ** sum(step > f * steps for f in (0.5, 0.75))
+            assert rate == pytest.approx(expected, rel=1e-3), (name, step)
+        tests = [e for e in metrics.read(workdir) if e["split"] == "test"]
+        assert tests[-1]["step"] == steps and tests[-1]["num_examples"] == 10_000
+    shutil.copytree(CONVERGENCE, tmp_path / "convergence", ignore=shutil.ignore_patterns("*.png"))
+    rendered = reproduce.render_convergence(tmp_path / "convergence")
+    assert rendered == (CONVERGENCE / "convergence.md").read_text()
+    error = {name: reproduce.summarize(workdir)["test_error"] for name, workdir in runs.items()}
+    assert abs(error["resnet20_budget0.1"] - error["torch_resnet20_budget0.1"]) < 1.0
+    assert error["resnet20_budget0.25"] < error["resnet20_budget0.1"]
+
+
+def test_committed_default_job_seeds_give_the_readmes_spread():
+    out = ROOT / "experiments" / "results" / "default_job"
+    errors = [reproduce.summarize(out / f"quick_seed{s}")["test_error"] for s in range(5)]
+    row = (out / "default_job.csv").read_text().splitlines()[1].split(",")
+    assert row[:3] == ["quick", "5", "1000"]
+    assert row[4] == (f"{statistics.mean(errors):.2f} +- {statistics.stdev(errors):.2f} "
+                      f"(min {min(errors):.2f}, max {max(errors):.2f})")
+    readme = (ROOT / "README.md").read_text()
+    assert f"{statistics.mean(errors):.1f}% ± {statistics.stdev(errors):.1f}" in readme

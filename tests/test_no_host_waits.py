@@ -1,4 +1,4 @@
-"""Issue 6, "No step waits on the host": steady-state training steps make no implicit host-device transfer
+"""No step waits on the host: steady-state training steps make no implicit host-device transfer
 (metrics stay on the device until the loop fetches them explicitly, every log_every_steps)."""
 
 import os

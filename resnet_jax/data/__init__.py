@@ -6,7 +6,6 @@ Importing this package does not import TensorFlow; only reading a dataset does.
 """
 
 import os
-import pathlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -25,17 +24,10 @@ __all__ = ["DATASETS", "DEFAULT_OPTIONS", "average_view_scores", "eval_batches",
            "resolve_data_dir", "train_batches", "validate"]
 
 
-# A checkout laid beside a `shared/` folder of prepared datasets (as on this project's build machines) finds
-# them without configuration; elsewhere this folder does not exist and TFDS' default applies.
-_BESIDE_CHECKOUT = pathlib.Path(__file__).resolve().parents[3] / "shared" / "tensorflow_datasets"
-
-
 def resolve_data_dir(data_dir: str | None) -> str | None:
-    """The argument, else $TFDS_DATA_DIR, else ../shared/tensorflow_datasets beside the checkout if it exists,
-    else None (TFDS' own default, ~/tensorflow_datasets, where it downloads what is missing)."""
-    if data_dir or os.environ.get("TFDS_DATA_DIR"):
-        return data_dir or os.environ["TFDS_DATA_DIR"]
-    return str(_BESIDE_CHECKOUT) if _BESIDE_CHECKOUT.is_dir() else None
+    """The argument, else $TFDS_DATA_DIR, else None (TFDS' own default, ~/tensorflow_datasets, where it
+    downloads what is missing)."""
+    return data_dir or os.environ.get("TFDS_DATA_DIR") or None
 
 
 def _options(dataset: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -85,6 +77,8 @@ def validate(dataset: str, *, data_dir: str | None, train_split: str, eval_split
         if not isinstance(options["train_examples"], int) or options["train_examples"] < 0:
             raise ValueError(f"data.train_examples must be 0 (all) or a positive number of images; got "
                              f"{options['train_examples']!r}")
+        if not isinstance(options["pad"], int) or options["pad"] < 0:
+            raise ValueError(f"data.pad is {options['pad']!r}; allowed: 0 or a positive number of pixels")
     else:
         imagenet.check_options(options)
     sharding.local_batch_size(global_batch_size, mesh)

@@ -1,4 +1,4 @@
-"""Throughput of the input pipelines, in images per second (issue 3, "Throughput").
+"""Throughput of the input pipelines, in images per second (docs/data.md, "Throughput").
 
     python -m resnet_jax.data.benchmark [--batch 128] [--steps 50] [--skip-cifar]
 

@@ -9,6 +9,7 @@ same batches from `order`: numpy on the host, or `augment` on the accelerator (`
 
 import functools
 import itertools
+import pathlib
 import queue
 import threading
 from collections.abc import Iterator, Mapping
@@ -68,7 +69,8 @@ def builder(data_dir: str | None, download: bool) -> Any:
     try:
         b.download_and_prepare()
     except Exception as e:  # noqa: BLE001 - any failure to fetch means the same thing to the user
-        raise ValueError(f"{where} and downloading it failed ({type(e).__name__}); {fix}") from e
+        cause = " ".join(str(e).split())[:240]
+        raise ValueError(f"{where} and downloading it failed ({type(e).__name__}: {cause}); {fix}") from e
     return b
 
 
@@ -84,7 +86,13 @@ def _load_tfds_split(data_dir: str | None, tfds_split: str, download: bool) -> t
 
     tf_util.hide_accelerators()
     b = builder(data_dir, download)
-    data = tfds.as_numpy(b.as_dataset(split=tfds_split, batch_size=-1, shuffle_files=False))
+    try:
+        data = tfds.as_numpy(b.as_dataset(split=tfds_split, batch_size=-1, shuffle_files=False))
+    except Exception as e:  # noqa: BLE001 - TensorFlow reports damaged records as assorted errors
+        files = ", ".join(str(f) for f in sorted(pathlib.Path(b.data_dir).glob(f"{NAME}-{tfds_split}.tfrecord*")))
+        cause = " ".join(str(e).split())[:200]
+        raise ValueError(f"cannot read CIFAR-10 {tfds_split!r} from {files or b.data_dir} ({type(e).__name__}: "
+                         f"{cause}); the file is damaged: prepare the dataset again") from None
     ids = np.asarray(data["id"])
     order_ = np.argsort(ids, kind="stable")
     return data["image"][order_], data["label"][order_].astype(np.int32)

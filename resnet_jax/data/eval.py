@@ -1,6 +1,6 @@
 """Evaluation without dropping or double-counting: shards, padding, masks, and averaging over views.
 
-The rule (issue 3, "every example of an evaluation split is scored exactly once"): process p of P reads the
+The rule (every example of an evaluation split is scored exactly once): process p of P reads the
 contiguous examples [p*N//P, (p+1)*N//P) of the split; every process yields the same number of batches,
 ceil(max_p n_p / local_batch); rows past the end of its shard are zeros with mask 0. So the sum of the
 mask over all batches is N whatever the batch size, device count or process count.

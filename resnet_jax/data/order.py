@@ -2,8 +2,8 @@
 
 Every random choice of a training batch is a hash of (seed, counter), never the state of a generator, so
 batch k is a pure function of (seed, k): a run resumed at step k draws exactly what an uninterrupted run
-draws, without replaying steps 0..k-1 (issue 3, "Determinism"). The same integer arithmetic in numpy (host
-path) and in jax.numpy (device path) gives the two CIFAR paths identical batches.
+draws, without replaying steps 0..k-1 (docs/data.md, "Determinism and resuming"). The same integer arithmetic
+in numpy (host path) and in jax.numpy (device path) gives the two CIFAR paths identical batches.
 
 The mixer is Chris Wellons' `lowbias32` on uint32 words; its statistical quality is far beyond what shuffling
 and 9x9 crop offsets need.

@@ -3,6 +3,7 @@
 from resnet_jax.models.blocks import SHORTCUTS, STRIDE_ON, ResidualBlock
 from resnet_jax.models.registry import (
     CIFAR_PAPER_DEPTHS,
+    CREATE_OPTIONS,
     IMAGENET_STAGES,
     create,
     from_config,
@@ -20,7 +21,7 @@ from resnet_jax.models.summary import (
 )
 
 __all__ = [
-    "CIFAR_PAPER_DEPTHS", "IMAGENET_STAGES", "SHORTCUTS", "STRIDE_ON", "ResNet", "ResidualBlock",
+    "CIFAR_PAPER_DEPTHS", "CREATE_OPTIONS", "IMAGENET_STAGES", "SHORTCUTS", "STRIDE_ON", "ResNet", "ResidualBlock",
     "abstract_variables", "analytic_macs", "count_params", "create", "describe", "forward_macs", "from_config",
     "input_shape", "list_models", "model_options",
 ]

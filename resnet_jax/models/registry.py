@@ -28,7 +28,7 @@ _DEFAULTS = {
     "imagenet": dict(num_classes=1000, shortcut="B"),
     "cifar": dict(num_classes=10, shortcut="A"),
 }
-_OPTIONS = ("shortcut", "num_classes", "stride_on", "zero_init_last_bn", "bn_momentum", "bn_epsilon", "dtype",
+CREATE_OPTIONS = ("shortcut", "num_classes", "stride_on", "zero_init_last_bn", "bn_momentum", "bn_epsilon", "dtype",
             "scan_blocks")
 # Fields of ResNet that say how it is computed, not what: injected layers, never recorded in checkpoints.
 _INJECTED = ("conv", "pool")
@@ -81,9 +81,9 @@ def create(name: str, *, family: str | None = None, **options: Any) -> ResNet:
         raise ValueError(f"unknown model {name!r}; allowed: resnet<depth> or plain<depth>, e.g. "
                          f"{', '.join(list_models()[:6])}, ... (see resnet_jax.models.list_models())")
     kind, depth = match.group(1), int(match.group(2))
-    unknown = sorted(set(options) - set(_OPTIONS))
+    unknown = sorted(set(options) - set(CREATE_OPTIONS))
     if unknown:
-        raise ValueError(f"unknown model option {unknown[0]!r}; allowed: {', '.join(_OPTIONS)}")
+        raise ValueError(f"unknown model option {unknown[0]!r}; allowed: {', '.join(CREATE_OPTIONS)}")
     family = _family_of(depth, family)
     if kind == "plain":
         if options.get("shortcut", "plain") != "plain":

@@ -46,4 +46,8 @@ def get_config(model: str = "resnet50", shortcut: str = "B") -> ml_collections.C
     c.keep_checkpoints = 3
     # Also keep the checkpoint of lowest top-1 error on the first eval split that is not a test split, if any.
     c.keep_best_checkpoint = True
+    # A run whose loss or global parameter norm passes these has diverged: it stops, and saves nothing
+    # after its last good checkpoint; both lie orders of magnitude above a healthy run (docs/training.md).
+    c.max_loss = 1e3
+    c.max_param_norm = 1e6
     return c
