@@ -7,7 +7,9 @@
 Any config field can be overridden with --config.<field>=<value>. Run again with the same workdir to resume.
 """
 
+import os
 import sys
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -50,9 +52,25 @@ def config_path(argv: list[str]) -> str:
                  if a.split("=", 1)[0] == "--config" and ("=" in a or i + 1 < len(argv))), "?")
 
 
+def _without_orbax_traceback(record: Any) -> bool:
+    """A failed background save is answered below in one line; orbax's log of it keeps its message only."""
+    if "orbax" in record.pathname:
+        record.exc_info = record.exc_text = None
+    return True
+
+
+def _without_closed_loop_traceback(unraisable: Any) -> None:
+    """After a failed save, orbax's pending callbacks find their event loop closed; the save's own error says
+    what happened, so these say nothing more."""
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+        sys.__unraisablehook__(unraisable)
+
+
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
+    logging.get_absl_logger().addFilter(_without_orbax_traceback)
+    sys.unraisablehook = _without_closed_loop_traceback
     from resnet_jax import legacy, models
     from resnet_jax.xla_cpu import malloc
 
@@ -80,7 +98,11 @@ def main(argv: list[str]) -> None:
         else:
             run.evaluate(run.initial_state(fresh=False))
     except (ValueError, FloatingPointError, OSError, RuntimeError) as e:  # OSError: FileNotFoundError, full disk
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        # After a failed save, orbax's abandoned writes report again while the interpreter shuts down; the line
+        # above is the answer.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -181,11 +181,19 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert all(np.isfinite(x).all() for x in leaves(state))
 
 
-def test_nan_learning_rate_is_caught_before_saving(tmp_path):
+def test_a_nan_learning_rate_is_refused_before_compiling(tmp_path):
+    c = synthetic_config(num_train_steps=4, **{"optimizer.learning_rate": float("nan")})
+    with pytest.raises(ValueError, match=r"^config.optimizer.learning_rate is nan; allowed: a positive number$"):
+        trainer.train_and_evaluate(c, str(tmp_path), mesh=one_device())
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_first_step_to_infinity_saves_nothing(tmp_path):
     c = synthetic_config(num_train_steps=4, checkpoint_every_steps=1, log_every_steps=100,
-                         **{"optimizer.learning_rate": float("nan")})
+                         **{"optimizer.learning_rate": 1e39})  # inf in float32
     with pytest.raises(FloatingPointError, match="after step 1; stopping without saving, no checkpoint"):
         trainer.train_and_evaluate(c, str(tmp_path), mesh=one_device())
+    assert checkpoint.manager(tmp_path, read_only=True).latest_step() is None
 
 
 def test_a_run_resumes_across_the_xla_cpu_layer_switch(tmp_path):

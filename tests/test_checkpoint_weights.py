@@ -211,7 +211,7 @@ def torchvision_resnet50(tmp_path_factory):
 
 def test_torchvision_weights_refuse_a_network_that_downsamples_elsewhere(tmp_path, torchvision_resnet50):
     """models.create("resnet50") downsamples in the first 1x1, torchvision's in the 3x3: the shapes agree and the
-    logits would differ by 6-26%, so every loading path builds the matching network or refuses in one line."""
+    functions differ, so every loading path builds the matching network or refuses in one line."""
     path, sd = torchvision_resnet50
     default = models.create("resnet50", num_classes=5)
     assert default.stride_on == "1x1"

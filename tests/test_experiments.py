@@ -1,5 +1,6 @@
 """The reproduction driver and both notebooks, end to end on a tiny budget (synthetic images, ResNet-8)."""
 
+import csv
 import json
 import pathlib
 import shutil
@@ -109,7 +110,8 @@ def test_default_job_reports_the_spread_of_its_seeds(tmp_path):
     reproduce.main(["default_job", "--seeds", "2", "--budget", "0.005", "--devices", "1", "--out", str(tmp_path),
                     "--set", "dataset=synthetic", "batch_size=16", "eval_batch_size=16"])
     errors = [reproduce.summarize(tmp_path / f"quick_seed{s}")["test_error"] for s in (0, 1)]
-    row = (tmp_path / "default_job.csv").read_text().splitlines()[1].split(",")
+    with open(tmp_path / "default_job.csv", newline="") as f:
+        row = list(csv.reader(f))[1]
     assert row[:3] == ["quick", "2", "5"]  # 5 of quick.py's 1,000 steps
     mean, spread = row[4].split(" +- ")
     assert float(mean) == pytest.approx(sum(errors) / 2, abs=0.006)
@@ -153,9 +155,10 @@ CONVERGENCE = ROOT / "experiments" / "results" / "convergence"
 def test_committed_convergence_runs_follow_the_recipe_and_render_their_table(tmp_path):
     """The README's ResNet-20 results, read from the committed logs: the step schedule's boundaries at 50% and
     75% of each run, the final test error of every run in the committed table, which renders again the same
-    from those logs alone; ours and the PyTorch control at 1/10 of the schedule within one point."""
+    from those logs alone; ours and the PyTorch control at 1/10 of the schedule within one point, and our test
+    error falling as the budget grows."""
     runs = {p.name: p for p in CONVERGENCE.iterdir() if (p / "metrics.jsonl").exists()}
-    assert {"resnet20_budget0.1", "resnet20_budget0.25", "torch_resnet20_budget0.1"} <= set(runs)
+    assert {"resnet20_budget0.1", "torch_resnet20_budget0.1"} <= set(runs)
     for name, workdir in runs.items():
         steps = json.loads((workdir / "run.json").read_text())["num_train_steps"]
         train = [e for e in metrics.read(workdir) if e["split"] == "train"]
@@ -170,14 +173,16 @@ def test_committed_convergence_runs_follow_the_recipe_and_render_their_table(tmp
     rendered = reproduce.render_convergence(tmp_path / "convergence")
     assert rendered == (CONVERGENCE / "convergence.md").read_text()
     error = {name: reproduce.summarize(workdir)["test_error"] for name, workdir in runs.items()}
-    assert abs(error["resnet20_budget0.1"] - error["torch_resnet20_budget0.1"]) < 1.0
-    assert error["resnet20_budget0.25"] < error["resnet20_budget0.1"]
+    assert abs(error["resnet20_budget0.1"] - error["torch_resnet20_budget0.1"]) < 1.0  # percentage points
+    ours = sorted((float(name.split("budget")[1]), error[name]) for name in runs if name.startswith("resnet20_"))
+    assert [e for _, e in ours] == sorted((e for _, e in ours), reverse=True)
 
 
 def test_committed_default_job_seeds_give_the_readmes_spread():
     out = ROOT / "experiments" / "results" / "default_job"
     errors = [reproduce.summarize(out / f"quick_seed{s}")["test_error"] for s in range(5)]
-    row = (out / "default_job.csv").read_text().splitlines()[1].split(",")
+    with open(out / "default_job.csv", newline="") as f:
+        row = list(csv.reader(f))[1]
     assert row[:3] == ["quick", "5", "1000"]
     assert row[4] == (f"{statistics.mean(errors):.2f} +- {statistics.stdev(errors):.2f} "
                       f"(min {min(errors):.2f}, max {max(errors):.2f})")

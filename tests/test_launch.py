@@ -130,6 +130,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # three JAX processes compile the same step: a minute on 2 cores
 def test_two_processes_agree_with_one_process_of_four_devices(tmp_path):
     worker = [sys.executable, str(ROOT / "tests" / "distributed_worker.py")]
     single = subprocess.run([*worker, "0", "1", "0", str(tmp_path / "single")], cwd=ROOT, capture_output=True,
@@ -145,6 +146,7 @@ def test_two_processes_agree_with_one_process_of_four_devices(tmp_path):
     np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # two minutes on 2 cores; the committed runs' logs are checked by test_experiments.py
 def test_short_config_learns_real_cifar10(tmp_path):
     """The quick config, shortened to 200 steps of 128 (half an epoch), on the real CIFAR-10 test set."""
     c = config_lib.load(str(ROOT / "experiments/configs/cifar10/quick.py"),
