@@ -295,7 +295,7 @@ def render_convergence(out: pathlib.Path) -> str:
     from resnet_jax.plot import plot_runs
 
     plot_runs(workdirs, out / "convergence.png", [w.name for w in workdirs],
-              title="CIFAR-10, ResNet-20 at several budgets, ours and PyTorch (thin: train, bold: test)")
+              title="CIFAR-10 ResNet-20, ours and PyTorch (thin: train, bold: test)")
     return write_table(rows, out, "convergence")
 
 
