@@ -61,8 +61,8 @@ def check_values(config: Any) -> None:
            "True, False")
     o = config.optimizer
     _check(0.0 <= o.momentum < 1.0, "optimizer.momentum", o.momentum, "a number in [0, 1)")
-    _check(0 < o.learning_rate < math.inf, "optimizer.learning_rate", o.learning_rate, "a positive number")
-    _check(0 <= o.weight_decay < math.inf, "optimizer.weight_decay", o.weight_decay, "0 or a positive number")
+    _check(0 < o.learning_rate < math.inf, "optimizer.learning_rate", o.learning_rate, "a finite positive number")
+    _check(0 <= o.weight_decay < math.inf, "optimizer.weight_decay", o.weight_decay, "0 or a finite positive number")
     s = config.schedule
     _check(all(0 < b < 1 for b in s.boundaries) and list(s.boundaries) == sorted(s.boundaries),
            "schedule.boundaries", tuple(s.boundaries), "increasing fractions of the run, each in (0, 1)")

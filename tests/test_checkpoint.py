@@ -183,7 +183,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
 def test_a_nan_learning_rate_is_refused_before_compiling(tmp_path):
     c = synthetic_config(num_train_steps=4, **{"optimizer.learning_rate": float("nan")})
-    with pytest.raises(ValueError, match=r"^config.optimizer.learning_rate is nan; allowed: a positive number$"):
+    with pytest.raises(ValueError, match=r"^config.optimizer.learning_rate is nan; allowed: a finite positive number$"):
         trainer.train_and_evaluate(c, str(tmp_path), mesh=one_device())
     assert not (tmp_path / "checkpoints").exists()
 
